@@ -1,0 +1,109 @@
+"""The command line: `python -m pipeline run [options]`; defaults shown are those in force."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+import dask.config
+
+from . import config, job
+from .featurize import MODELS
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line, exit code 2, no usage dump."""
+
+    def error(self, message: str):
+        fail(f"{self.prog}: {message} (see --help)")
+
+
+def fail(message: str, code: int = 2):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def default(key: str) -> str:
+    """The value in force for a setting (pipeline.yaml, then DASK_PIPELINE__* variables)."""
+    return repr(dask.config.get(f"pipeline.{key}"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="python -m pipeline", description="Images in a bucket → CNN features → PCA → parquet, on Dask.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    run = commands.add_parser(
+        "run",
+        help="featurize every image under --input and write features and their PCA to --output",
+        description="List the images under --input, featurize them with a CNN on the Dask workers, fit an "
+        "exact IncrementalPCA on all features, and write one parquet row per image to --output, with "
+        "errors.parquet, pca.npz and manifest.json beside it. Defaults come from pipeline/pipeline.yaml; "
+        "DASK_PIPELINE__<KEY> variables override them, and these flags override both.",
+    )
+    run.add_argument("--input", help=f"fsspec URL or folder of images; 'sample' = the shipped sample (default {default('input')})")
+    run.add_argument("--output", help=f"folder or fsspec URL for the results (default {default('output')})")
+    run.add_argument("--cluster", help=f"'local' or a scheduler address tcp://host:8786 (default {default('cluster')})")
+    run.add_argument("--model", choices=sorted(MODELS), help=f"CNN without its top (default {default('model')})")
+    run.add_argument(
+        "--weights",
+        help="auto: ImageNet, else seeded random weights with a warning; imagenet: ImageNet or fail; "
+        f"random: seeded random weights; or a path/URL of a weights file (default {default('weights')})",
+    )
+    run.add_argument("--n-components", help=f"components kept: an integer, or a fraction of variance such as 0.95 (default {default('n-components')})")
+    run.add_argument("--image-size", help=f"model input side in pixels (default {default('image-size')})")
+    run.add_argument("--batch-size", help=f"images per model call (default {default('batch-size')})")
+    run.add_argument("--images-per-partition", help=f"images per Dask task (default {default('images-per-partition')})")
+    run.add_argument("--pca-batch-size", help=f"rows per IncrementalPCA step; default 5 × features ({default('pca-batch-size')})")
+    run.add_argument("--seed", help=f"seed of random weights (default {default('seed')})")
+    run.add_argument("--endpoint-url", help="S3 endpoint for input and output (MinIO, a local S3 server, another region)")
+    run.add_argument("--anon", action="store_true", help="read a public bucket without credentials")
+    run.add_argument("--report", metavar="FILE.html", help="save a Dask performance report of the run")
+    run.add_argument("--quiet", action="store_true", help="no progress bars or messages; errors and warnings only")
+    run.add_argument("--json", action="store_true", help="print the manifest as JSON on stdout instead of the summary")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    storage = dict(dask.config.get("pipeline.storage-options") or {})
+    if args.endpoint_url:
+        storage["endpoint_url"] = args.endpoint_url
+    if args.anon:
+        storage["anon"] = True
+    quiet = args.quiet or args.json
+    say = (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr, flush=True))
+    try:
+        settings = config.settings(
+            input=args.input, output=args.output, cluster=args.cluster, model=args.model,
+            weights=args.weights, n_components=args.n_components, image_size=args.image_size,
+            batch_size=args.batch_size, images_per_partition=args.images_per_partition,
+            pca_batch_size=args.pca_batch_size, seed=args.seed, report=args.report,
+            storage_options=storage,
+        )
+        manifest = job.run(settings, say=say, progress=not quiet)
+    except config.UsageError as error:
+        fail(str(error))
+    except KeyboardInterrupt:
+        fail("interrupted; the cluster was closed", code=130)
+    if args.json:
+        print(json.dumps(manifest, indent=2, ensure_ascii=False, default=str))
+    else:
+        print(summary(manifest))
+    return 0
+
+
+def summary(manifest: dict) -> str:
+    """The few lines a user reads at the end of a run."""
+    counts, pca, speed = manifest["counts"], manifest["pca"], manifest["images_per_s"]
+    weights = manifest["weights"]
+    lines = [
+        f"images read    {counts['listed']}  (non-image files skipped: {counts['skipped_non_images']})",
+        f"images failed  {counts['failed']}" + (f"  (see {manifest['output']}/errors.parquet)" if counts["failed"] else ""),
+        f"images/s       {speed['end_to_end']:.1f} end to end, {speed['featurize']:.1f} while featurizing",
+        f"PCA            {pca['n_components']} components keep {pca['variance_kept']:.1%} of the variance",
+        f"weights        {weights['used']}" + (f"  WARNING: {weights['warning']}" if weights["warning"] else ""),
+        f"output         {manifest['output']}",
+        f"dashboard      {manifest['dashboard']}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,90 @@
+"""Settings: the defaults of pipeline.yaml, overridden by DASK_PIPELINE__* variables, then by flags."""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+import dask.config
+import yaml
+
+DEFAULTS_FILE = pathlib.Path(__file__).with_name("pipeline.yaml")
+SAMPLE_DIR = pathlib.Path(__file__).with_name("sample") / "fruits-360"
+
+dask.config.update_defaults(yaml.safe_load(DEFAULTS_FILE.read_text()))
+
+
+class UsageError(ValueError):
+    """A mistake in what the user asked for; the CLI prints it as one line and exits with 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """One run's settings; field names are the YAML keys with `_` for `-`."""
+
+    input: str
+    output: str
+    storage_options: dict
+    cluster: str
+    local_cluster: dict
+    extensions: tuple
+    images_per_partition: int
+    model: str
+    image_size: int
+    batch_size: int
+    weights: str
+    seed: int
+    n_components: int | float
+    pca_batch_size: int | None
+    report: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The settings as plain data, for the manifest."""
+        return dataclasses.asdict(self)
+
+
+def settings(**overrides: Any) -> Settings:
+    """Resolve the settings: YAML defaults < DASK_PIPELINE__* environment < `overrides` (None = unset)."""
+    values = {}
+    for field in dataclasses.fields(Settings):
+        values[field.name] = dask.config.get(
+            "pipeline." + field.name.replace("_", "-"), override_with=overrides.pop(field.name, None)
+        )
+    if overrides:
+        raise TypeError(f"unknown settings: {', '.join(sorted(overrides))}")
+    if values["input"] == "sample":
+        values["input"] = str(SAMPLE_DIR)
+    values["extensions"] = tuple(e.lower().lstrip(".") for e in values["extensions"])
+    values["n_components"] = parse_n_components(values["n_components"])
+    for name in ("images_per_partition", "image_size", "batch_size", "seed"):
+        values[name] = positive_int(name, values[name], allow_zero=name == "seed")
+    if values["pca_batch_size"] is not None:
+        values["pca_batch_size"] = positive_int("pca_batch_size", values["pca_batch_size"])
+    values["storage_options"] = dict(values["storage_options"] or {})
+    values["local_cluster"] = dict(values["local_cluster"] or {})
+    return Settings(**values)
+
+
+def parse_n_components(value: Any) -> int | float:
+    """An integer ≥ 1 (components kept) or a fraction in (0, 1] (variance kept): 50, "50", 0.95, "1.0"."""
+    text = str(value).strip()
+    try:
+        number = int(text) if text.lstrip("+-").isdigit() else float(text)
+    except ValueError:
+        number = None
+    if isinstance(number, int) and number >= 1 or isinstance(number, float) and 0 < number <= 1:
+        return number
+    raise UsageError(
+        f"`n-components` must be an integer ≥ 1 or a fraction of variance in (0, 1], got {value!r}"
+    )
+
+
+def positive_int(name: str, value: Any, allow_zero: bool = False) -> int:
+    """`value` as an int, or a UsageError naming the setting."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = -1
+    if number < 0 or (number == 0 and not allow_zero) or str(number) != str(value).strip():
+        raise UsageError(f"`{name.replace('_', '-')}` must be a positive integer, got {value!r}")
+    return number

@@ -1,0 +1,260 @@
+"""Features: the CNN registry, weights, a model cached per worker process, batched inference.
+
+TensorFlow is imported inside functions: the client lists, validates and reports without it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import tempfile
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+
+from . import images, sink, source
+from .config import UsageError
+
+KERAS_APPLICATIONS = "https://storage.googleapis.com/tensorflow/keras-applications/"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A Keras application without its top, and where its ImageNet weights are published."""
+
+    application: str  # class in keras.applications
+    module: str  # module in keras.applications holding its preprocess_input
+    n_features: int
+    imagenet_file: str  # the no-top weights file, under KERAS_APPLICATIONS
+
+
+MODELS = {
+    "mobilenet_v2": ModelSpec(
+        "MobileNetV2", "mobilenet_v2", 1280,
+        "mobilenet_v2/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
+    ),
+    "resnet50": ModelSpec(
+        "ResNet50", "resnet50", 2048, "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelKey:
+    """Everything that makes one featurizer differ from another; the key of the per-process cache."""
+
+    model: str
+    image_size: int
+    weights: str  # "imagenet", "random" or a path/URL of a weights file
+    seed: int
+
+
+def model_spec(name: str) -> ModelSpec:
+    """The registry entry for `name`, or a UsageError listing the known models."""
+    if name not in MODELS:
+        raise UsageError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
+    return MODELS[name]
+
+
+# --- weights -------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Weights:
+    """The weights a run actually uses, and why (the warning shown when ImageNet was not available)."""
+
+    used: str  # "imagenet", "random" or the weights file's URL
+    warning: str | None = None
+
+
+def resolve_weights(model: str, weights: str, seed: int, storage_options: dict) -> Weights:
+    """Decide the weights on the client, before any image is read, so that a run fails fast."""
+    if weights == "random":
+        return Weights("random")
+    if weights in ("imagenet", "auto"):
+        try:
+            imagenet_weights_file(model)
+            return Weights("imagenet")
+        except Exception as error:  # any download failure: no network, proxy, TLS, HTTP error
+            if weights == "imagenet":
+                raise UsageError(
+                    f"ImageNet weights for {model} cannot be downloaded ({error}). Offline, copy "
+                    f"{KERAS_APPLICATIONS}{MODELS[model].imagenet_file} to a folder or bucket and "
+                    f"pass --weights PATH, or pass --weights random for seeded untrained features"
+                ) from None
+            return Weights(
+                "random",
+                f"ImageNet weights for {model} could not be downloaded ({error}); "
+                f"features come from seeded random weights (seed {seed}), not from ImageNet",
+            )
+    fs, path = source.open_url(weights, storage_options)
+    if not fs.isfile(path):
+        raise UsageError(f"weights file {weights} not found: give an .h5 weights file, 'imagenet' or 'random'")
+    return Weights(weights)
+
+
+def imagenet_weights_file(model: str) -> str:
+    """The local path of the model's ImageNet no-top weights, downloaded once into the Keras cache."""
+    import keras
+
+    name = MODELS[model].imagenet_file
+    return keras.utils.get_file(name.rsplit("/", 1)[1], KERAS_APPLICATIONS + name, cache_subdir="models")
+
+
+def local_weights_file(url: str, storage_options: dict) -> str:
+    """A local copy of a weights file given by path or URL, kept for the life of the machine."""
+    fs, path = source.open_url(url, storage_options)
+    if "file" in fs.protocol:
+        return path
+    digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+    local = os.path.join(tempfile.gettempdir(), "pipeline-weights", digest, os.path.basename(path))
+    if not os.path.exists(local):
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        fs.get(path, local + ".part")
+        os.replace(local + ".part", local)
+    return local
+
+
+def randomize(model, seed: int) -> None:
+    """Seeded variance-preserving (He normal) kernels, drawn with NumPy so any machine gets the same.
+
+    Keras' default Glorot initialisation shrinks activations layer after layer: MobileNetV2's
+    features come out near 1e-12. He-normal kernels keep them informative without training.
+    """
+    import keras
+
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)):
+            kernel = layer.kernel
+            fan_in = int(np.prod(kernel.shape[:2] if isinstance(layer, keras.layers.DepthwiseConv2D) else kernel.shape[:-1]))
+            kernel.assign(rng.normal(0.0, np.sqrt(2.0 / fan_in), kernel.shape).astype("float32"))
+
+
+# --- the model, once per worker process -----------------------------------------------------------
+
+_featurizers: dict[ModelKey, "Featurizer"] = {}
+_build_lock = threading.Lock()
+_inference_lock = threading.Lock()  # one inference thread per process: the others read and decode
+
+
+class Featurizer:
+    """A model that maps uint8 images of any size to float32 features, in fixed-size batches."""
+
+    def __init__(self, key: ModelKey, storage_options: dict):
+        import keras
+        import tensorflow as tf
+
+        spec = MODELS[key.model]
+        size = key.image_size
+        model = getattr(keras.applications, spec.application)(
+            include_top=False, weights=None, pooling="avg", input_shape=(size, size, 3)
+        )
+        if key.weights == "random":
+            randomize(model, key.seed)
+        elif key.weights == "imagenet":
+            model.load_weights(imagenet_weights_file(key.model))
+        else:
+            model.load_weights(local_weights_file(key.weights, storage_options))
+        preprocess = getattr(keras.applications, spec.module).preprocess_input
+
+        # One trace for every batch: images arrive at any size and are resized here, batched,
+        # which costs the model's cores less than resizing one by one with Pillow.
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
+        def embed(batch):
+            pixels = tf.image.resize(tf.cast(batch, tf.float32), (size, size))
+            return model(preprocess(pixels), training=False)
+
+        self.embed = embed
+        self.n_features = spec.n_features
+
+    def __call__(self, arrays: list[np.ndarray], batch_size: int) -> np.ndarray:
+        """Features of each image, in order; batches hold one image size and are padded to batch_size."""
+        out = np.empty((len(arrays), self.n_features), dtype=np.float32)
+        by_shape: dict[tuple, list[int]] = {}
+        for i, array in enumerate(arrays):
+            by_shape.setdefault(array.shape, []).append(i)
+        for shape, indexes in by_shape.items():
+            for start in range(0, len(indexes), batch_size):
+                chunk = indexes[start : start + batch_size]
+                batch = np.zeros((batch_size, *shape), dtype=np.uint8)
+                batch[: len(chunk)] = [arrays[i] for i in chunk]
+                with _inference_lock:
+                    out[chunk] = self.embed(batch).numpy()[: len(chunk)]
+        return out
+
+
+def featurizer(key: ModelKey, storage_options: dict) -> Featurizer:
+    """The process's featurizer for `key`, built on first use and kept (never shipped in the graph)."""
+    with _build_lock:
+        if key not in _featurizers:
+            configure_tensorflow()
+            _featurizers[key] = Featurizer(key, storage_options)
+        return _featurizers[key]
+
+
+def configure_tensorflow() -> None:
+    """Give TensorFlow this worker's threads, and let a GPU's memory grow instead of grabbing it all."""
+    import tensorflow as tf
+
+    try:
+        from distributed import get_worker
+
+        threads = get_worker().state.nthreads
+    except ValueError:  # not inside a Dask worker
+        threads = os.cpu_count() or 1
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(min(threads, 2))
+        for gpu in tf.config.list_physical_devices("GPU"):
+            tf.config.experimental.set_memory_growth(gpu, True)
+    except RuntimeError:  # TensorFlow already started in this process: keep its settings
+        pass
+
+
+# --- one partition ---------------------------------------------------------------------------------
+
+
+def featurize_partition(
+    rows: pd.DataFrame,
+    listing_fs,
+    root: str,
+    key: ModelKey,
+    batch_size: int,
+    storage_options: dict,
+    output_fs,
+    staged_path: str,
+) -> dict:
+    """Read, decode and featurize one partition's images; stage the features; report errors and timings."""
+    seconds = {}
+    started = time.perf_counter()
+    blobs = source.read_many(listing_fs, [f"{root}/{path}" for path in rows["path"]])
+    seconds["read"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    arrays, kept, errors = [], [], []
+    for path, blob in zip(rows["path"], blobs):
+        if isinstance(blob, BaseException):
+            errors.append(sink.error_row(path, "read", blob))
+            continue
+        try:
+            arrays.append(images.decode(blob, key.image_size))
+            kept.append(path)
+        except Exception as error:  # Pillow raises many kinds for broken files; each is recorded
+            errors.append(sink.error_row(path, "decode", error))
+    seconds["decode"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    model = featurizer(key, storage_options)
+    seconds["model load"] = time.perf_counter() - started
+    started = time.perf_counter()
+    features = model(arrays, batch_size) if arrays else np.empty((0, model.n_features), np.float32)
+    seconds["model"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    good = rows[rows["path"].isin(kept)]
+    sink.write_parquet(output_fs, staged_path, sink.rows_table(good, features=features))
+    seconds["stage"] = time.perf_counter() - started
+    return {"rows": len(good), "errors": errors, "seconds": seconds}

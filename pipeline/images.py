@@ -1,0 +1,37 @@
+"""Decoding: image bytes of any common format and mode → an RGB uint8 array no larger than the model input."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageOps
+
+WHITE = (255, 255, 255, 255)  # Fruits-360 photos are on white: transparent pixels become white too
+
+
+def decode(data: bytes, size: int) -> np.ndarray:
+    """The image as an H×W×3 uint8 array, EXIF rotation applied, first frame of an animation.
+
+    Images larger than `size` on a side are reduced to size × size here (JPEG decodes at reduced
+    scale), which bounds memory; smaller ones keep their size and are resized with their whole
+    batch inside the model's graph, which is cheaper than resizing them one by one.
+    """
+    with Image.open(io.BytesIO(data)) as image:
+        image.draft(image.mode, (size, size))
+        image = to_rgb(ImageOps.exif_transpose(image))
+        if image.width > size or image.height > size:
+            image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+        return np.asarray(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode as 8-bit RGB: 16-bit and float scaled to 0–255, transparency onto white."""
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        values = np.asarray(image, dtype=np.float64)
+        peak = max(float(values.max(initial=0)), 1.0)
+        scale = 65535.0 if image.mode.startswith("I;16") or 255 < peak <= 65535 else max(peak, 255.0)
+        image = Image.fromarray((values / scale * 255).clip(0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, WHITE), rgba).convert("RGB")
+    return image.convert("RGB")

@@ -1,0 +1,72 @@
+"""Where the images come from: one flat listing on the client, byte reads on the workers."""
+from __future__ import annotations
+
+import dataclasses
+import posixpath
+
+import fsspec
+import pandas as pd
+from fsspec.spec import AbstractFileSystem
+
+from .config import UsageError
+
+SPLITS = {"training": "Training", "test": "Test"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Listing:
+    """The images under an input prefix, sorted by path, and how many other files were skipped."""
+
+    fs: AbstractFileSystem
+    root: str
+    rows: pd.DataFrame  # path (relative to root), label, split
+    skipped: int
+
+
+def open_url(url: str, storage_options: dict) -> tuple[AbstractFileSystem, str]:
+    """The filesystem and its path for an fsspec URL or local folder."""
+    options = dict(storage_options)
+    if url.startswith(("s3://", "s3a://")):
+        # s3fs sends a HEAD before every GET when max_concurrency > 1: for many small images, one
+        # request per object (and many objects at once) is faster.
+        options.setdefault("max_concurrency", 1)
+    fs, path = fsspec.core.url_to_fs(url, **options)
+    return fs, path.rstrip("/")
+
+
+def list_images(url: str, storage_options: dict, extensions: tuple[str, ...]) -> Listing:
+    """List every image under `url` in one flat listing; label = parent folder, split = Training/Test."""
+    fs, root = open_url(url, storage_options)
+    try:
+        found = fs.find(root) if fs.isdir(root) else []
+    except (FileNotFoundError, PermissionError, OSError) as error:
+        raise UsageError(f"cannot list input {url}: {error}") from None
+    if not found:
+        raise UsageError(f"input {url} does not exist or holds no files: give a folder or prefix of images")
+    relative = sorted(path[len(root) + 1 :] for path in found)
+    images = [path for path in relative if is_image(path, extensions)]
+    if not images:
+        raise UsageError(
+            f"no images under {url}: {len(relative)} files, none ending in .{', .'.join(extensions)}"
+        )
+    rows = pd.DataFrame(
+        [(path, *label_and_split(path)) for path in images], columns=["path", "label", "split"]
+    )
+    return Listing(fs=fs, root=root, rows=rows, skipped=len(relative) - len(images))
+
+
+def is_image(path: str, extensions: tuple[str, ...]) -> bool:
+    """True if the file name ends in one of `extensions`, whatever its case."""
+    return posixpath.splitext(path)[1].lower().lstrip(".") in extensions
+
+
+def label_and_split(path: str) -> tuple[str, str | None]:
+    """The parent folder's name as it is (spaces, unicode), and Training/Test when a folder says so."""
+    folders = path.split("/")[:-1]
+    split = next((SPLITS[f.lower()] for f in folders if f.lower() in SPLITS), None)
+    return (folders[-1] if folders else ""), split
+
+
+def read_many(fs: AbstractFileSystem, paths: list[str]) -> list[bytes | Exception]:
+    """The bytes of each path, read concurrently where the filesystem can; a failure is returned, not raised."""
+    return fs.cat_ranges(list(paths), None, None, on_error="return")
