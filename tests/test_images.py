@@ -1,0 +1,68 @@
+"""Decoding: any common mode becomes 8-bit RGB; large images are reduced, small ones keep their size."""
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.config import SAMPLE_DIR
+from pipeline.images import decode
+
+
+def encode(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def test_a_real_fruits_360_photo_keeps_its_100_by_100_pixels():
+    photo = next((SAMPLE_DIR / "Training" / "Apple Golden 1").glob("*.jpg")).read_bytes()
+    array = decode(photo, 224)
+    assert array.shape == (100, 100, 3) and array.dtype == np.uint8
+
+
+@pytest.mark.parametrize(
+    "image, fmt",
+    [
+        (Image.new("L", (40, 30), 128), "PNG"),
+        (Image.new("P", (40, 30), 3), "GIF"),
+        (Image.new("CMYK", (40, 30), (0, 255, 255, 0)), "JPEG"),
+        (Image.new("RGB", (40, 30), (10, 200, 30)), "WEBP"),
+        (Image.new("RGB", (40, 30), (10, 200, 30)), "BMP"),
+        (Image.new("RGB", (40, 30), (10, 200, 30)), "TIFF"),
+    ],
+    ids=["grayscale", "palette", "cmyk", "webp", "bmp", "tiff"],
+)
+def test_every_mode_becomes_rgb(image, fmt):
+    array = decode(encode(image, fmt), 224)
+    assert array.shape == (30, 40, 3) and array.dtype == np.uint8
+
+
+def test_transparent_pixels_become_white_like_the_fruits_360_background():
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
+    assert (decode(encode(rgba, "PNG"), 224) == 255).all()
+
+
+def test_16_bit_images_are_scaled_not_clipped():
+    values = np.full((10, 10), 65535 // 2, dtype=np.uint16)
+    array = decode(encode(Image.fromarray(values), "PNG"), 224)
+    assert 120 <= array.mean() <= 135
+
+
+def test_images_larger_than_the_model_input_are_reduced_to_it():
+    assert decode(encode(Image.new("RGB", (1000, 600)), "JPEG"), 224).shape == (224, 224, 3)
+
+
+def test_exif_rotation_is_applied():
+    image = Image.new("RGB", (40, 20))
+    exif = image.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
+    assert decode(encode(image, "JPEG", exif=exif), 224).shape == (40, 20, 3)
+
+
+def test_broken_bytes_raise_for_the_caller_to_record():
+    photo = next((SAMPLE_DIR / "Training" / "Apple Golden 1").glob("*.jpg")).read_bytes()
+    with pytest.raises(Exception):
+        decode(b"not an image", 224)
+    with pytest.raises(OSError):
+        decode(photo[: len(photo) // 3], 224)

@@ -1,0 +1,84 @@
+"""The PCA: dask-ml IncrementalPCA, streamed in batches, must agree with scikit-learn's exact PCA."""
+import pathlib
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+import pytest
+from dask_ml.decomposition import IncrementalPCA
+from scipy.linalg import subspace_angles
+from sklearn.decomposition import PCA
+
+from pipeline import reduce
+
+VGG16 = pathlib.Path(__file__).parents[1] / ".." / "shared" / "data" / "fruits-360-vgg16-features" / "features.parquet"
+
+
+def disagreement(exact: PCA, ratios: np.ndarray, components: np.ndarray, k: int) -> tuple[float, float]:
+    """Worst relative error of the first k explained variance ratios, and worst angle (degrees) of the top-k subspace."""
+    relative = np.abs(ratios[:k] - exact.explained_variance_ratio_[:k]) / exact.explained_variance_ratio_[:k]
+    angles = subspace_angles(components[:k].T.astype(np.float64), exact.components_[:k].T)
+    return float(relative.max()), float(np.degrees(angles.max()))
+
+
+@pytest.fixture(scope="module")
+def vgg16() -> np.ndarray:
+    """4,000 × 4,608 real VGG16 features of Fruits-360 (89% zeros): past where the PySpark PCA ran out of heap."""
+    if not VGG16.exists():
+        pytest.skip(f"shared data not found at {VGG16}")
+    return np.stack(pd.read_parquet(VGG16, columns=["features"])["features"].to_numpy()).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def exact(vgg16) -> PCA:
+    """scikit-learn's exact PCA of the VGG16 features, in float64."""
+    return PCA(n_components=50, svd_solver="full").fit(vgg16.astype(np.float64))
+
+
+@pytest.mark.slow
+def test_fit_agrees_with_exact_pca_on_real_wide_features(vgg16, exact):
+    fitted = reduce.fit(da.from_array(vgg16, chunks=(500, -1)), 50, None)
+    assert fitted.components.shape == (50, 4608)
+    error, angle = disagreement(exact, fitted.explained_variance_ratio, fitted.components, 50)
+    assert error < 0.01 and angle < 1.0, (error, angle)
+    np.testing.assert_allclose(fitted.mean, vgg16.mean(axis=0), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_fit_streamed_in_batches_agrees_with_exact_pca(vgg16):
+    features = vgg16[:, :1024]  # 4,000 rows in 4 batches of 1,024: every step incremental
+    exact = PCA(n_components=50, svd_solver="full").fit(features.astype(np.float64))
+    fitted = reduce.fit(da.from_array(features, chunks=(256, -1)), 50, 1024)
+    error, angle = disagreement(exact, fitted.explained_variance_ratio, fitted.components, 50)
+    assert error < 0.01 and angle < 1.0, (error, angle)
+
+
+@pytest.mark.slow
+def test_dask_ml_defaults_fail_the_same_check(vgg16, exact):
+    defaults = IncrementalPCA(n_components=50).fit(da.from_array(vgg16, chunks=(500, -1)))
+    error, angle = disagreement(exact, np.asarray(defaults.explained_variance_ratio_), np.asarray(defaults.components_), 50)
+    assert error > 0.01 or angle > 1.0, (error, angle)
+
+
+def test_a_fraction_keeps_the_smallest_k_reaching_it():
+    ratios = np.array([0.5, 0.3, 0.15, 0.05])
+    assert reduce.components_for(ratios, 0.8) == 2
+    assert reduce.components_for(ratios, 0.81) == 3
+    assert reduce.components_for(ratios, 1.0) == 4
+    assert reduce.components_for(ratios, 2) == 2
+    assert reduce.components_for(ratios, 10) == 4  # no more than the data has
+
+
+def test_fit_keeps_every_component_for_the_variance_curve_and_projects_with_k(tmp_path):
+    rng = np.random.default_rng(0)
+    data = (rng.standard_normal((300, 5)) @ rng.standard_normal((5, 40))).astype(np.float32)
+    fitted = reduce.fit(da.from_array(data, chunks=(64, -1)), 0.99, 60)
+    assert fitted.explained_variance_ratio.shape == (40,)
+    assert fitted.n_components <= 5 and fitted.variance_kept >= 0.99
+    import fsspec
+
+    fs = fsspec.filesystem("file")
+    fitted.save(fs, str(tmp_path / "pca.npz"))
+    again = reduce.Pca.load(fs, str(tmp_path / "pca.npz"))
+    np.testing.assert_array_equal(again.components, fitted.components)
+    assert again.n_samples == 300

@@ -1,0 +1,65 @@
+"""Listing: one flat listing, images by extension, label = parent folder as it is, split from the layout."""
+import pytest
+
+from pipeline.config import UsageError
+from pipeline.source import label_and_split, list_images, read_many
+
+EXTENSIONS = ("jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff")
+
+
+def make_files(root, names):
+    for name in names:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+
+
+def test_labels_keep_spaces_and_unicode_and_splits_come_from_the_layout(tmp_path):
+    make_files(tmp_path, ["Training/Apple Red 1/a.jpg", "Test/Pomme à cidre/b.JPG", "loose/Kiwi/c.png", "top.jpeg"])
+    rows = list_images(str(tmp_path), {}, EXTENSIONS).rows
+    rows = rows.astype(object).where(rows.notna(), None)
+    assert rows.to_dict("records") == [
+        {"path": "Test/Pomme à cidre/b.JPG", "label": "Pomme à cidre", "split": "Test"},
+        {"path": "Training/Apple Red 1/a.jpg", "label": "Apple Red 1", "split": "Training"},
+        {"path": "loose/Kiwi/c.png", "label": "Kiwi", "split": None},
+        {"path": "top.jpeg", "label": "", "split": None},
+    ]
+
+
+def test_extensions_are_case_insensitive_and_other_files_are_counted(tmp_path):
+    make_files(tmp_path, ["a/1.JPG", "a/2.Tiff", "a/3.webp", "a/4.BMP", "a/notes.txt", "a/.DS_Store", "a/5.gif"])
+    listing = list_images(f"file://{tmp_path}", {}, EXTENSIONS)
+    assert list(listing.rows.path) == ["a/1.JPG", "a/2.Tiff", "a/3.webp", "a/4.BMP"]
+    assert listing.skipped == 3
+
+
+def test_a_missing_input_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        list_images(str(tmp_path / "nowhere"), {}, EXTENSIONS)
+
+
+def test_a_prefix_without_images_is_a_usage_error(tmp_path):
+    make_files(tmp_path, ["docs/readme.txt"])
+    with pytest.raises(UsageError, match="no images"):
+        list_images(str(tmp_path), {}, EXTENSIONS)
+
+
+def test_split_names_match_whole_folders_only():
+    assert label_and_split("Testing/Apple/a.jpg") == ("Apple", None)
+    assert label_and_split("data/training/Apple/a.jpg") == ("Apple", "Training")
+
+
+def test_s3_listing_equals_the_local_listing(s3, s3_endpoint, sample_copy):
+    s3.put(str(sample_copy) + "/", "fruits/copy/", recursive=True)
+    remote = list_images("s3://fruits/copy", {"endpoint_url": s3_endpoint}, EXTENSIONS)
+    local = list_images(str(sample_copy), {}, EXTENSIONS)
+    assert remote.rows.equals(local.rows)
+    assert any(" " in label for label in remote.rows.label)
+
+
+def test_reads_return_failures_in_place_instead_of_raising(s3, s3_endpoint):
+    listing = list_images("s3://fruits/fruits-360", {"endpoint_url": s3_endpoint}, EXTENSIONS)
+    first = f"{listing.root}/{listing.rows.path[0]}"
+    blobs = read_many(listing.fs, [first, f"{listing.root}/gone.jpg"])
+    assert blobs[0][:2] == b"\xff\xd8"  # a JPEG
+    assert isinstance(blobs[1], FileNotFoundError)
