@@ -100,7 +100,8 @@ def summary(manifest: dict) -> str:
     lines = [
         f"images read    {counts['listed']}  (non-image files skipped: {counts['skipped_non_images']})",
         f"images failed  {counts['failed']}" + (f"  (see {manifest['output']}/errors.parquet)" if counts["failed"] else ""),
-        f"images/s       {speed['end_to_end']:.1f} end to end, {speed['featurize']:.1f} while featurizing",
+        f"images/s       {speed['list_to_output']:.1f} from listing to output (cluster start excluded), "
+        f"{speed['featurize']:.1f} while featurizing",
         f"PCA            {pca['n_components']} components keep {pca['variance_kept']:.1%} of the variance",
         f"weights        {weights['used']}" + (f"  WARNING: {weights['warning']}" if weights["warning"] else ""),
         f"output         {manifest['output']}",

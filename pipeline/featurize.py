@@ -170,9 +170,13 @@ class Featurizer:
         self.embed = embed
         self.n_features = spec.n_features
 
-    def __call__(self, arrays: list[np.ndarray], batch_size: int) -> np.ndarray:
-        """Features of each image, in order; batches hold one image size and are padded to batch_size."""
+    def __call__(self, arrays: list[np.ndarray], batch_size: int) -> tuple[np.ndarray, float]:
+        """Features of each image in order, and the seconds spent in the model (not waiting for it).
+
+        Batches hold one image size and are padded to batch_size, so the graph is traced once.
+        """
         out = np.empty((len(arrays), self.n_features), dtype=np.float32)
+        seconds = 0.0
         by_shape: dict[tuple, list[int]] = {}
         for i, array in enumerate(arrays):
             by_shape.setdefault(array.shape, []).append(i)
@@ -182,8 +186,10 @@ class Featurizer:
                 batch = np.zeros((batch_size, *shape), dtype=np.uint8)
                 batch[: len(chunk)] = [arrays[i] for i in chunk]
                 with _inference_lock:
+                    started = time.perf_counter()
                     out[chunk] = self.embed(batch).numpy()[: len(chunk)]
-        return out
+                    seconds += time.perf_counter() - started
+        return out, seconds
 
 
 def featurizer(key: ModelKey, storage_options: dict) -> Featurizer:
@@ -248,10 +254,8 @@ def featurize_partition(
 
     started = time.perf_counter()
     model = featurizer(key, storage_options)
-    seconds["model load"] = time.perf_counter() - started
-    started = time.perf_counter()
-    features = model(arrays, batch_size) if arrays else np.empty((0, model.n_features), np.float32)
-    seconds["model"] = time.perf_counter() - started
+    seconds["model load"] = time.perf_counter() - started  # includes waiting for another thread's build
+    features, seconds["model"] = model(arrays, batch_size)
 
     started = time.perf_counter()
     good = rows[rows["path"].isin(kept)]

@@ -92,7 +92,7 @@ def run(settings: Settings, *, say: Callable[[str], None] = print, progress: boo
         "worker_seconds": worker_seconds(staged),
         "images_per_s": {
             "featurize": len(listing.rows) / timings["featurize"],
-            "end_to_end": len(listing.rows) / sum(v for k, v in timings.items() if k != "cluster start"),
+            "list_to_output": len(listing.rows) / sum(v for k, v in timings.items() if k != "cluster start"),
         },
         "dashboard": dashboard,
     }

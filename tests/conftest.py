@@ -24,7 +24,7 @@ def aws_env():
         mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
         for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
             mp.delenv(name, raising=False)
-        yield
+        yield FAKE_KEY, FAKE_SECRET
 
 
 @pytest.fixture(scope="session")
