@@ -9,10 +9,13 @@ from distributed import Client, LocalCluster
 
 from pipeline.config import UsageError
 
+SCHEDULER_PROTOCOLS = ("tcp://", "tls://", "ucx://", "inproc://")
+
 
 @contextlib.contextmanager
 def connect(address: str, local: dict) -> Iterator[Client]:
     """A client of the cluster `address` names ("local" or "tcp://host:port"), closed on the way out."""
+    check_address(address)
     if address == "local":
         n_workers, threads = local_size(local.get("n-workers"), local.get("threads-per-worker"))
         with LocalCluster(
@@ -22,14 +25,18 @@ def connect(address: str, local: dict) -> Iterator[Client]:
             dashboard_address=local.get("dashboard-address", ":8787"),
         ) as cluster, Client(cluster) as client:
             yield client
-    elif address.startswith(("tcp://", "tls://", "ucx://")):
+    else:
         try:
             client = Client(address, timeout="20s")
         except (OSError, TimeoutError) as error:
             raise UsageError(f"cannot reach the Dask scheduler at {address}: {error}") from None
         with client:
             yield client
-    else:
+
+
+def check_address(address: str) -> None:
+    """Fail early, before any work, on a cluster setting that names no known kind of cluster."""
+    if address != "local" and not address.startswith(SCHEDULER_PROTOCOLS):
         raise UsageError(f"unknown cluster {address!r}: use 'local' or a scheduler address tcp://host:8786")
 
 

@@ -167,6 +167,7 @@ class Featurizer:
             pixels = tf.image.resize(tf.cast(batch, tf.float32), (size, size))
             return model(preprocess(pixels), training=False)
 
+        self.model = model
         self.embed = embed
         self.n_features = spec.n_features
 

@@ -30,6 +30,7 @@ def run(settings: Settings, *, say: Callable[[str], None] = print, progress: boo
     """Run the job with `settings`; returns the manifest (also written next to the output)."""
     s = settings
     spec = featurize.model_spec(s.model)
+    cluster.check_address(s.cluster)
     if isinstance(s.n_components, int) and s.n_components > spec.n_features:
         raise UsageError(f"`n-components` {s.n_components} is more than the {spec.n_features} features of {s.model}")
     timings: dict[str, float] = {}

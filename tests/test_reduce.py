@@ -54,6 +54,7 @@ def test_fit_streamed_in_batches_agrees_with_exact_pca(vgg16):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")
 def test_dask_ml_defaults_fail_the_same_check(vgg16, exact):
     defaults = IncrementalPCA(n_components=50).fit(da.from_array(vgg16, chunks=(500, -1)))
     error, angle = disagreement(exact, np.asarray(defaults.explained_variance_ratio_), np.asarray(defaults.components_), 50)

@@ -1,0 +1,60 @@
+"""The model: seeded random weights that carry information, weights from a file or a bucket, batching."""
+import numpy as np
+import pytest
+
+from pipeline import featurize
+from pipeline.config import SAMPLE_DIR, UsageError
+from pipeline.images import decode
+
+pytestmark = pytest.mark.slow
+RANDOM = featurize.ModelKey("mobilenet_v2", 96, "random", 0)
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[np.ndarray]:
+    """Two photos of each of three apple varieties, decoded."""
+    folders = ["Apple Golden 1", "Apple Red 1", "Apple Granny Smith"]
+    paths = [p for folder in folders for p in sorted((SAMPLE_DIR / "Training" / folder).glob("*.jpg"))[:2]]
+    return [decode(p.read_bytes(), 96) for p in paths]
+
+
+@pytest.fixture(scope="module")
+def random_model() -> featurize.Featurizer:
+    return featurize.Featurizer(RANDOM, {})
+
+
+def test_random_weights_are_deterministic_and_informative(random_model, photos):
+    features, _ = random_model(photos, batch_size=4)
+    again, _ = featurize.Featurizer(RANDOM, {})(photos, batch_size=4)
+    np.testing.assert_array_equal(features, again)
+    assert features.shape == (6, 1280) and features.std(axis=0).mean() > 1e-3
+    # on average, two photos of one variety are closer to each other than to other varieties
+    distances = np.linalg.norm(features[:, None] - features[None], axis=-1)
+    same = np.array([[i // 2 == j // 2 and i != j for j in range(6)] for i in range(6)])
+    different = np.array([[i // 2 != j // 2 for j in range(6)] for i in range(6)])
+    assert distances[same].mean() < distances[different].mean()
+
+
+def test_batching_and_padding_do_not_change_features(random_model, photos):
+    one_by_one, _ = random_model(photos, batch_size=1)
+    padded, _ = random_model(photos, batch_size=4)  # a full batch, then 2 images padded to 4
+    np.testing.assert_allclose(one_by_one, padded, rtol=1e-4, atol=1e-5)
+
+
+def test_weights_load_from_a_file_or_a_bucket(random_model, photos, tmp_path, s3, s3_endpoint):
+    path = tmp_path / "apples.weights.h5"
+    random_model.model.save_weights(path)
+    s3.put(str(path), "fruits/models/apples.weights.h5")
+    expected, _ = random_model(photos, batch_size=4)
+    options = {"endpoint_url": s3_endpoint}
+    for url in (str(path), "s3://fruits/models/apples.weights.h5"):
+        assert featurize.resolve_weights("mobilenet_v2", url, 0, options).used == url
+        key = featurize.ModelKey("mobilenet_v2", 96, url, 0)
+        np.testing.assert_array_equal(featurize.Featurizer(key, options)(photos, 4)[0], expected)
+
+
+def test_a_missing_weights_file_or_unknown_model_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="weights file .* not found"):
+        featurize.resolve_weights("mobilenet_v2", str(tmp_path / "none.h5"), 0, {})
+    with pytest.raises(UsageError, match="mobilenet_v2, resnet50"):
+        featurize.model_spec("vgg19")
