@@ -27,7 +27,7 @@ def connect(address: str, local: dict) -> Iterator[Client]:
             yield client
     else:
         try:
-            client = Client(address, timeout="20s")
+            client = Client(address)  # waits distributed.comm.timeouts.connect (30 s by default)
         except (OSError, TimeoutError) as error:
             raise UsageError(f"cannot reach the Dask scheduler at {address}: {error}") from None
         with client:

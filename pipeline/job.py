@@ -39,7 +39,8 @@ def run(settings: Settings, *, say: Callable[[str], None] = print, progress: boo
     with stopwatch(timings, "list"):
         listing = source.list_images(s.input, s.storage_options, s.extensions)
     out_fs, out = source.open_url(s.output, s.storage_options)
-    check_writable(out_fs, out, s.output)
+    output = source.full_url(out_fs, out)
+    check_writable(out_fs, out, output)
     weights = featurize.resolve_weights(s.model, s.weights, s.seed, s.storage_options)
     if weights.warning:
         log.warning(weights.warning)
@@ -60,7 +61,7 @@ def run(settings: Settings, *, say: Callable[[str], None] = print, progress: boo
         sink.write_parquet(out_fs, f"{out}/{sink.ERRORS}", sink.errors_table(errors))
         if n_rows < 2:
             raise UsageError(
-                f"only {n_rows} of {len(listing.rows)} images could be used (see {s.output}/{sink.ERRORS}): "
+                f"only {n_rows} of {len(listing.rows)} images could be used (see {output}/{sink.ERRORS}): "
                 "the PCA needs at least 2"
             )
         with stopwatch(timings, "pca fit"):
@@ -74,7 +75,7 @@ def run(settings: Settings, *, say: Callable[[str], None] = print, progress: boo
     finished = datetime.now(timezone.utc)
     manifest = {
         "input": s.input,
-        "output": s.output,
+        "output": output,
         "started": started.isoformat(),
         "finished": finished.isoformat(),
         "settings": public_settings(s),

@@ -34,6 +34,11 @@ def open_url(url: str, storage_options: dict) -> tuple[AbstractFileSystem, str]:
     return fs, path.rstrip("/")
 
 
+def full_url(fs: AbstractFileSystem, path: str) -> str:
+    """How to show a location to the user: an absolute local path, or a URL with its protocol."""
+    return path if "file" in fs.protocol else fs.unstrip_protocol(path)
+
+
 def list_images(url: str, storage_options: dict, extensions: tuple[str, ...]) -> Listing:
     """List every image under `url` in one flat listing; label = parent folder, split = Training/Test."""
     fs, root = open_url(url, storage_options)

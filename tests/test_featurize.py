@@ -58,3 +58,8 @@ def test_a_missing_weights_file_or_unknown_model_is_a_usage_error(tmp_path):
         featurize.resolve_weights("mobilenet_v2", str(tmp_path / "none.h5"), 0, {})
     with pytest.raises(UsageError, match="mobilenet_v2, resnet50"):
         featurize.model_spec("vgg19")
+
+
+def test_resnet50_is_the_second_choice_with_2048_features(photos):
+    features, _ = featurize.Featurizer(featurize.ModelKey("resnet50", 96, "random", 0), {})(photos[:2], batch_size=2)
+    assert features.shape == (2, 2048) and np.isfinite(features).all() and features.std(axis=0).mean() > 0
