@@ -44,6 +44,8 @@ def run(settings: Settings, *, say: Callable[[str], None] = print, progress: boo
     weights = featurize.resolve_weights(s.model, s.weights, s.seed, s.storage_options)
     if weights.warning:
         log.warning(weights.warning)
+    if s.cluster != "local" and "file" in listing.fs.protocol + out_fs.protocol:
+        log.warning("input or output is a local path and the cluster is not local: its workers must see that path too")
     say(f"{len(listing.rows)} images under {s.input}; non-image files skipped: {listing.skipped}")
 
     with contextlib.ExitStack() as stack:
@@ -72,12 +74,13 @@ def run(settings: Settings, *, say: Callable[[str], None] = print, progress: boo
         with stopwatch(timings, "project + write"):
             write_output(client, staged, pca, out_fs, out, progress)
         dashboard = client.dashboard_link
-    finished = datetime.now(timezone.utc)
+    if isinstance(s.n_components, int) and pca.n_components < s.n_components:
+        log.warning(f"{s.n_components} components asked, the data has {pca.n_components}: kept {pca.n_components}")
     manifest = {
         "input": s.input,
         "output": output,
         "started": started.isoformat(),
-        "finished": finished.isoformat(),
+        "finished": datetime.now(timezone.utc).isoformat(),
         "settings": public_settings(s),
         "versions": versions(),
         "model": {"name": s.model, "n_features": spec.n_features, "image_size": s.image_size},

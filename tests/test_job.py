@@ -22,7 +22,7 @@ def read_rows(path, **options) -> pd.DataFrame:
     return pd.read_parquet(path, storage_options=options or None).sort_values("path", ignore_index=True)
 
 
-def test_a_local_folder_gives_one_row_per_image_and_one_error_per_bad_file(dask_cluster, sample_copy, tmp_path):
+def test_a_local_folder_gives_one_row_per_image_and_one_error_per_bad_file(dask_cluster, sample_copy, tmp_path, caplog):
     (sample_copy / "Training" / "Apple Red 1" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     (sample_copy / "Training" / "notes.txt").write_text("not an image")
     manifest = run(sample_copy, tmp_path / "out", dask_cluster, n_components=0.95)
@@ -47,6 +47,7 @@ def test_a_local_folder_gives_one_row_per_image_and_one_error_per_bad_file(dask_
     assert json.loads((out / "manifest.json").read_text()) == json.loads(json.dumps(manifest, default=str))
     assert manifest["weights"] == {"requested": "random", "used": "random", "warning": None}
     assert not (out / "_staging").exists()
+    assert "workers must see that path too" in caplog.text  # a local path, a cluster given by address
 
 
 def test_the_pca_column_is_the_projection_on_the_saved_components(dask_cluster, tmp_path):
