@@ -152,8 +152,10 @@ def check_writable(fs, path: str, url: str) -> None:
         sink.make_folder(fs, f"{path}/{sink.STAGING}")
         fs.pipe_file(probe, b"")
         fs.rm_file(probe)
-    except (OSError, PermissionError, ValueError) as error:
-        raise UsageError(f"cannot write to output {url}: {error}; choose a writable folder or bucket") from None
+    except Exception as error:  # each storage backend fails its own way (no credentials, read-only...)
+        raise UsageError(
+            f"cannot write to output {url}: {type(error).__name__}: {error}; choose a writable folder or bucket"
+        ) from None
 
 
 @contextlib.contextmanager

@@ -44,8 +44,8 @@ def list_images(url: str, storage_options: dict, extensions: tuple[str, ...]) ->
     fs, root = open_url(url, storage_options)
     try:
         found = fs.find(root) if fs.isdir(root) else []
-    except (FileNotFoundError, PermissionError, OSError) as error:
-        raise UsageError(f"cannot list input {url}: {error}") from None
+    except Exception as error:  # each storage backend fails its own way (no credentials, no endpoint...)
+        raise UsageError(f"cannot list input {url}: {type(error).__name__}: {error}") from None
     if not found:
         raise UsageError(f"input {url} does not exist or holds no files: give a folder or prefix of images")
     relative = sorted(path[len(root) + 1 :] for path in found)
