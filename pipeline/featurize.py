@@ -112,8 +112,9 @@ def local_weights_file(url: str, storage_options: dict) -> str:
     local = os.path.join(tempfile.gettempdir(), "pipeline-weights", digest, os.path.basename(path))
     if not os.path.exists(local):
         os.makedirs(os.path.dirname(local), exist_ok=True)
-        fs.get(path, local + ".part")
-        os.replace(local + ".part", local)
+        partial = f"{local}.{os.getpid()}.part"  # worker processes of one machine may race here
+        fs.get(path, partial)
+        os.replace(partial, local)
     return local
 
 
