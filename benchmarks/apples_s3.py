@@ -181,12 +181,6 @@ def read_output(fs) -> dict:
     }
 
 
-def as_matrix(column, width: int) -> np.ndarray:
-    """A list<float32> column as an n × width float64 matrix."""
-    flat = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    return flat.astype(np.float64).reshape(-1, width)
-
-
 def check_table(output: dict, images: list[str], n_features: int) -> list[tuple[str, str, bool]]:
     """Checks of images.parquet and errors.parquet: (name, value, ok) rows."""
     import pyarrow as pa
@@ -227,8 +221,10 @@ def check_pca(output: dict, n_features: int) -> list[tuple[str, str, bool]]:
     from scipy.linalg import subspace_angles
     from sklearn.decomposition import PCA
 
+    from pipeline.sink import matrix
+
     table, saved = output["images"], output["pca"]
-    features = as_matrix(table["features"], n_features)
+    features = matrix(table["features"], n_features).astype(np.float64)
     components, mean = saved["components"].astype(np.float64), saved["mean"].astype(np.float64)
     ratio = saved["explained_variance_ratio"]
     k = components.shape[0]
@@ -238,7 +234,7 @@ def check_pca(output: dict, n_features: int) -> list[tuple[str, str, bool]]:
     angle_top = float(np.degrees(subspace_angles(components[:top].T, exact.components_[:top].T).max()))
     angle_k = float(np.degrees(subspace_angles(components.T, exact.components_.T).max()))
     expected = (features - mean) @ components.T
-    written = as_matrix(table["pca"], k)
+    written = matrix(table["pca"], k).astype(np.float64)
     projection_diff = float(np.abs(written - expected).max() / np.abs(expected).max())
     kept = float(ratio[:k].sum())
     return [

@@ -106,7 +106,7 @@ def imagenet_weights_file(model: str) -> str:
 def local_weights_file(url: str, storage_options: dict) -> str:
     """A local copy of a weights file given by path or URL, kept for the life of the machine."""
     fs, path = source.open_url(url, storage_options)
-    if "file" in fs.protocol:
+    if source.is_local(fs):
         return path
     digest = hashlib.sha256(url.encode()).hexdigest()[:16]
     local = os.path.join(tempfile.gettempdir(), "pipeline-weights", digest, os.path.basename(path))

@@ -44,7 +44,7 @@ def run(settings: Settings, *, say: Callable[[str], None] = print, progress: boo
     weights = featurize.resolve_weights(s.model, s.weights, s.seed, s.storage_options)
     if weights.warning:
         log.warning(weights.warning)
-    if s.cluster != "local" and "file" in listing.fs.protocol + out_fs.protocol:
+    if s.cluster != "local" and (source.is_local(listing.fs) or source.is_local(out_fs)):
         log.warning("input or output is a local path and the cluster is not local: its workers must see that path too")
     say(f"{len(listing.rows)} images under {s.input}; non-image files skipped: {listing.skipped}")
 

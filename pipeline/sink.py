@@ -16,6 +16,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import source
+
 IMAGES = "images.parquet"
 ERRORS = "errors.parquet"
 MANIFEST = "manifest.json"
@@ -100,7 +102,7 @@ def write_json(fs, path: str, data: dict) -> None:
 
 def make_folder(fs, path: str) -> None:
     """Create a folder on a local filesystem; object stores have none (and no bucket is created)."""
-    if "file" in fs.protocol:
+    if source.is_local(fs):
         fs.makedirs(path, exist_ok=True)
 
 

@@ -34,9 +34,14 @@ def open_url(url: str, storage_options: dict) -> tuple[AbstractFileSystem, str]:
     return fs, path.rstrip("/")
 
 
+def is_local(fs: AbstractFileSystem) -> bool:
+    """True for this machine's filesystem (paths only this machine's processes see)."""
+    return "file" in fs.protocol
+
+
 def full_url(fs: AbstractFileSystem, path: str) -> str:
     """How to show a location to the user: an absolute local path, or a URL with its protocol."""
-    return path if "file" in fs.protocol else fs.unstrip_protocol(path)
+    return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
 def list_images(url: str, storage_options: dict, extensions: tuple[str, ...]) -> Listing:
