@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", help=f"seed of random weights (default {default('seed')})")
     run.add_argument("--endpoint-url", help="S3 endpoint for input and output (MinIO, a local S3 server, another region)")
     run.add_argument("--anon", action="store_true", help="read a public bucket without credentials")
+    again = run.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="finish an interrupted run into the same --output, featurizing only what it had not")
+    again.add_argument("--overwrite", action="store_true", help="replace what --output holds (the old output stays until the new one is complete)")
     run.add_argument("--report", metavar="FILE.html", help="save a Dask performance report of the run")
     run.add_argument("--quiet", action="store_true", help="no progress bars or messages; errors and warnings only")
     run.add_argument("--json", action="store_true", help="print the manifest as JSON on stdout instead of the summary")
@@ -81,11 +84,11 @@ def main(argv: list[str] | None = None) -> int:
             pca_batch_size=args.pca_batch_size, seed=args.seed, report=args.report,
             storage_options=storage,
         )
-        manifest = job.run(settings, say=say, progress=not quiet)
+        manifest = job.run(settings, resume=args.resume, overwrite=args.overwrite, say=say, progress=not quiet)
     except config.UsageError as error:
         fail(str(error))
     except KeyboardInterrupt:
-        fail("interrupted; the cluster was closed", code=130)
+        fail("interrupted; the cluster was closed. Run the same command with --resume to finish the run", code=130)
     if args.json:
         print(json.dumps(manifest, indent=2, ensure_ascii=False, default=str))
     else:

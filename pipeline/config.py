@@ -29,6 +29,7 @@ class Settings:
     local_cluster: dict
     extensions: tuple
     images_per_partition: int
+    max_image_pixels: int
     model: str
     image_size: int
     batch_size: int
@@ -56,7 +57,7 @@ def settings(**overrides: Any) -> Settings:
         values["input"] = str(SAMPLE_DIR)
     values["extensions"] = tuple(e.lower().lstrip(".") for e in values["extensions"])
     values["n_components"] = parse_n_components(values["n_components"])
-    for name in ("images_per_partition", "image_size", "batch_size", "seed"):
+    for name in ("images_per_partition", "max_image_pixels", "image_size", "batch_size", "seed"):
         values[name] = positive_int(name, values[name], allow_zero=name == "seed")
     if values["pca_batch_size"] is not None:
         values["pca_batch_size"] = positive_int("pca_batch_size", values["pca_batch_size"])

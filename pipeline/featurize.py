@@ -231,11 +231,12 @@ def featurize_partition(
     root: str,
     key: ModelKey,
     batch_size: int,
+    max_pixels: int,
     storage_options: dict,
     output_fs,
     staged_path: str,
 ) -> dict:
-    """Read, decode and featurize one partition's images; stage the features; report errors and timings."""
+    """Read, decode and featurize one partition's images; stage the features with their errors and timings."""
     seconds = {}
     started = time.perf_counter()
     blobs = source.read_many(listing_fs, [f"{root}/{path}" for path in rows["path"]])
@@ -248,7 +249,7 @@ def featurize_partition(
             errors.append(sink.error_row(path, "read", blob))
             continue
         try:
-            arrays.append(images.decode(blob, key.image_size))
+            arrays.append(images.decode(blob, key.image_size, max_pixels))
             kept.append(path)
         except Exception as error:  # Pillow raises many kinds for broken files; each is recorded
             errors.append(sink.error_row(path, "decode", error))
@@ -259,8 +260,5 @@ def featurize_partition(
     seconds["model load"] = time.perf_counter() - started  # includes waiting for another thread's build
     features, seconds["model"] = model(arrays, batch_size)
 
-    started = time.perf_counter()
     good = rows[rows["path"].isin(kept)]
-    sink.write_parquet(output_fs, staged_path, sink.rows_table(good, features=features))
-    seconds["stage"] = time.perf_counter() - started
-    return {"rows": len(good), "errors": errors, "seconds": seconds}
+    return sink.stage_partition(output_fs, staged_path, good, features, errors, seconds)

@@ -7,17 +7,26 @@ import numpy as np
 from PIL import Image, ImageOps
 
 WHITE = (255, 255, 255, 255)  # Fruits-360 photos are on white: transparent pixels become white too
+# The pixel limit is checked here, after JPEG's reduced-scale decoding is chosen, so that a huge
+# JPEG is decoded small instead of refused; Pillow's own check would count its full size.
+Image.MAX_IMAGE_PIXELS = None
 
 
-def decode(data: bytes, size: int) -> np.ndarray:
+def decode(data: bytes, size: int, max_pixels: int) -> np.ndarray:
     """The image as an H×W×3 uint8 array, EXIF rotation applied, first frame of an animation.
 
     Images larger than `size` on a side are reduced to size × size here (JPEG decodes at reduced
     scale), which bounds memory; smaller ones keep their size and are resized with their whole
-    batch inside the model's graph, which is cheaper than resizing them one by one.
+    batch inside the model's graph, which is cheaper than resizing them one by one. An image that
+    would still decode to more than `max_pixels` raises Image.DecompressionBombError.
     """
     with Image.open(io.BytesIO(data)) as image:
         image.draft(image.mode, (size, size))
+        if image.width * image.height > max_pixels:
+            raise Image.DecompressionBombError(
+                f"{image.width} × {image.height} pixels to decode, more than the limit of {max_pixels:,} "
+                "(setting max-image-pixels); raise it if this image is expected"
+            )
         image = to_rgb(ImageOps.exif_transpose(image))
         if image.width > size or image.height > size:
             image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)

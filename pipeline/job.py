@@ -5,13 +5,16 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.metadata
+import json
 import logging
 import platform
 import time
 from datetime import datetime, timezone
 from typing import Callable
 
+import pyarrow as pa
 from distributed import as_completed, performance_report
 from tqdm.auto import tqdm
 
@@ -26,22 +29,46 @@ PACKAGES = ["dask", "distributed", "dask-ml", "scikit-learn", "tensorflow", "ker
 SECRET_OPTIONS = ("key", "secret", "token", "password")
 
 
-def run(settings: Settings, *, say: Callable[[str], None] = print, progress: bool = True) -> dict:
-    """Run the job with `settings`; returns the manifest (also written next to the output)."""
+RESUME_KEYS = ("input", "extensions", "images_per_partition", "max_image_pixels", "model", "image_size",
+               "batch_size", "weights", "seed")  # what decides the rows and features of a run
+
+
+def run(
+    settings: Settings, *, resume: bool = False, overwrite: bool = False,
+    say: Callable[[str], None] = print, progress: bool = True,
+) -> dict:
+    """Run the job with `settings`; returns the manifest (also written next to the output).
+
+    An output folder that already holds a run is refused unless `resume` (finish an interrupted
+    run, featurizing only the partitions it had not staged) or `overwrite` (replace it: the old
+    output stays until the new one is committed).
+    """
     s = settings
     spec = featurize.model_spec(s.model)
     cluster.check_address(s.cluster)
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite exclude each other: resume an interrupted run, or replace the output")
     if isinstance(s.n_components, int) and s.n_components > spec.n_features:
         raise UsageError(f"`n-components` {s.n_components} is more than the {spec.n_features} features of {s.model}")
     timings: dict[str, float] = {}
     started = datetime.now(timezone.utc)
-
-    with stopwatch(timings, "list"):
-        listing = source.list_images(s.input, s.storage_options, s.extensions)
     out_fs, out = source.open_url(s.output, s.storage_options)
     output = source.full_url(out_fs, out)
-    check_writable(out_fs, out, output)
-    weights = featurize.resolve_weights(s.model, s.weights, s.seed, s.storage_options)
+
+    with output_errors(output):
+        state = existing_output(out_fs, out, output, resume, overwrite)
+    if state == "complete":
+        say(f"{output} is complete: nothing to resume")
+        return sink.read_json(out_fs, f"{out}/{sink.MANIFEST}")
+    if state == "resume":
+        listing, weights = resume_plan(out_fs, out, output, s)
+        say(f"resuming the interrupted run in {output}")
+    else:
+        with stopwatch(timings, "list"):
+            listing = source.list_images(s.input, s.storage_options, s.extensions)
+        weights = featurize.resolve_weights(s.model, s.weights, s.seed, s.storage_options)
+        check_writable(out_fs, out, output)
+        save_plan(out_fs, out, s, listing, weights)
     if weights.warning:
         log.warning(weights.warning)
     if s.cluster != "local" and (source.is_local(listing.fs) or source.is_local(out_fs)):
@@ -54,28 +81,28 @@ def run(settings: Settings, *, say: Callable[[str], None] = print, progress: boo
         say(f"dashboard: {client.dashboard_link}")
         if s.report:
             stack.enter_context(performance_report(filename=s.report))
-        sink.remove_outputs(out_fs, out)
         key = featurize.ModelKey(s.model, s.image_size, weights.used, s.seed)
         with stopwatch(timings, "featurize"):
             staged = stage_features(client, listing, key, s, out_fs, out, progress)
         n_rows = sum(part["rows"] for part in staged)
         errors = [error for part in staged for error in part["errors"]]
-        sink.write_parquet(out_fs, f"{out}/{sink.ERRORS}", sink.errors_table(errors))
+        sink.write_parquet(out_fs, f"{out}/{sink.STAGING}/{sink.ERRORS}", sink.errors_table(errors))
         if n_rows < 2:
             raise UsageError(
-                f"only {n_rows} of {len(listing.rows)} images could be used (see {output}/{sink.ERRORS}): "
-                "the PCA needs at least 2"
+                f"only {n_rows} of {len(listing.rows)} images could be used (see the errors in "
+                f"{output}/{sink.STAGING}/{sink.ERRORS}): the PCA needs at least 2"
             )
         with stopwatch(timings, "pca fit"):
             features = reduce.staged_matrix(out_fs, [p["staged"] for p in staged], [p["rows"] for p in staged], spec.n_features)
             with tqdm(total=n_rows, unit="img", desc="pca fit", disable=not progress) as bar:
                 pca = reduce.fit(features, s.n_components, s.pca_batch_size, bar.update)
-            pca.save(out_fs, f"{out}/{sink.PCA}")
+            pca.save(out_fs, f"{out}/{sink.STAGING}/{sink.PCA}")
         with stopwatch(timings, "project + write"):
-            write_output(client, staged, pca, out_fs, out, progress)
+            write_output(client, staged, out_fs, out, progress)
         dashboard = client.dashboard_link
     if isinstance(s.n_components, int) and pca.n_components < s.n_components:
         log.warning(f"{s.n_components} components asked, the data has {pca.n_components}: kept {pca.n_components}")
+    featurized = sum(part["images"] for part in staged if not part["resumed"])
     manifest = {
         "input": s.input,
         "output": output,
@@ -91,50 +118,108 @@ def run(settings: Settings, *, say: Callable[[str], None] = print, progress: boo
             "failed": len(errors),
             "skipped_non_images": listing.skipped,
             "partitions": len(staged),
+            "partitions_resumed": sum(part["resumed"] for part in staged),
         },
         "pca": {"n_components": pca.n_components, "variance_kept": pca.variance_kept, "n_samples": pca.n_samples},
         "timings_s": timings,
         "worker_seconds": worker_seconds(staged),
         "images_per_s": {
-            "featurize": len(listing.rows) / timings["featurize"],
-            "list_to_output": len(listing.rows) / sum(v for k, v in timings.items() if k != "cluster start"),
+            "featurize": featurized / timings["featurize"],
+            "list_to_output": featurized / sum(v for k, v in timings.items() if k != "cluster start"),
         },
         "dashboard": dashboard,
     }
-    sink.write_json(out_fs, f"{out}/{sink.MANIFEST}", manifest)
+    sink.commit(out_fs, out, manifest)
     return manifest
 
 
+def existing_output(fs, out: str, url: str, resume: bool, overwrite: bool) -> str:
+    """What to do with what the output already holds: "new", "resume" or "complete"; never a silent mix."""
+    interrupted = sink.exists(fs, out, sink.RUN)
+    complete = sink.exists(fs, out, sink.MANIFEST)
+    if resume and interrupted:
+        return "resume"
+    if resume and complete:
+        return "complete"
+    if not overwrite and (interrupted or any(sink.exists(fs, out, name) for name in (sink.MANIFEST, *sink.FINAL))):
+        held = "an interrupted run" if interrupted else "the output of an earlier run"
+        raise UsageError(
+            f"{url} already holds {held}: pass --resume to finish it, --overwrite to replace it, "
+            "or choose another --output"
+        )
+    sink.remove(fs, out, sink.STAGING)  # an earlier output stays until this run commits
+    return "new"
+
+
+def save_plan(fs, out: str, s: Settings, listing: source.Listing, weights: featurize.Weights) -> None:
+    """Record what --resume needs to finish this run the same way: settings, weights and listing."""
+    sink.write_parquet(fs, f"{out}/{sink.LISTING}", pa.Table.from_pandas(listing.rows, preserve_index=False))
+    plan = {"settings": resume_settings(s), "weights": dataclasses.asdict(weights), "skipped": listing.skipped}
+    sink.write_json(fs, f"{out}/{sink.RUN}", plan)
+
+
+def resume_plan(fs, out: str, url: str, s: Settings) -> tuple[source.Listing, featurize.Weights]:
+    """The listing and weights of the interrupted run in `out`, if it had the same settings as `s`."""
+    plan = sink.read_json(fs, f"{out}/{sink.RUN}")
+    now = resume_settings(s)
+    changed = [f"{key} {plan['settings'][key]!r} there, {now[key]!r} now" for key in now if plan["settings"].get(key) != now[key]]
+    if changed:
+        raise UsageError(
+            f"the interrupted run in {url} had other settings ({'; '.join(changed)}): resume it with "
+            "the same settings, or pass --overwrite to start again"
+        )
+    listing_fs, root = source.open_url(s.input, s.storage_options)
+    rows = sink.read_parquet(fs, f"{out}/{sink.LISTING}").to_pandas()
+    return source.Listing(listing_fs, root, rows, plan["skipped"]), featurize.Weights(**plan["weights"])
+
+
+def resume_settings(s: Settings) -> dict:
+    """The settings that decide a run's rows and features, as JSON data."""
+    return json.loads(json.dumps({key: getattr(s, key) for key in RESUME_KEYS}))
+
+
 def stage_features(client, listing, key, s: Settings, out_fs, out: str, progress: bool) -> list[dict]:
-    """Featurize every partition on the workers and stage its features; results in partition order."""
-    sink.make_folder(out_fs, f"{out}/{sink.STAGING}")
+    """Featurize every partition on the workers and stage its features; results in partition order.
+
+    Partitions an interrupted run already staged are not featurized again: their summary is read back.
+    """
+    sink.make_folder(out_fs, f"{out}/{sink.STAGED}")
+    done = set(out_fs.find(f"{out}/{sink.STAGED}"))
     size = s.images_per_partition
     parts = [listing.rows.iloc[start : start + size] for start in range(0, len(listing.rows), size)]
     futures = {}
     for index, rows in enumerate(parts):
-        staged = f"{out}/{sink.STAGING}/{sink.part_name(index)}"
-        future = client.submit(
-            featurize.featurize_partition, rows, listing.fs, listing.root, key, s.batch_size,
-            s.storage_options, out_fs, staged, key=f"featurize-{index}-{client.id}",
-        )
+        staged = f"{out}/{sink.STAGED}/{sink.part_name(index)}"
+        if staged in done:
+            future = client.submit(sink.staged_summary, out_fs, staged, key=f"resume-{index}-{client.id}")
+        else:
+            future = client.submit(
+                featurize.featurize_partition, rows, listing.fs, listing.root, key, s.batch_size,
+                s.max_image_pixels, s.storage_options, out_fs, staged, key=f"featurize-{index}-{client.id}",
+            )
         futures[future] = (index, staged, len(rows))
     results: list[dict] = [{}] * len(parts)
     with tqdm(total=len(listing.rows), unit="img", desc="featurize", disable=not progress) as bar:
         for future, result in as_completed(futures, with_results=True):
             index, staged, n_images = futures[future]
-            results[index] = result | {"staged": staged}
+            results[index] = result | {"staged": staged, "images": n_images, "resumed": staged in done}
             bar.update(n_images)
     return results
 
 
-def write_output(client, staged: list[dict], pca: reduce.Pca, out_fs, out: str, progress: bool) -> None:
-    """Project each staged partition on the kept components and write it to images.parquet/."""
-    sink.make_folder(out_fs, f"{out}/{sink.IMAGES}")
-    mean, components = client.scatter([pca.mean, pca.components], broadcast=True)
+def write_output(client, staged: list[dict], out_fs, out: str, progress: bool) -> None:
+    """Project each staged partition on the kept components; write it to the new images.parquet/.
+
+    The projection is loaded by a task rather than scattered, so that Dask can recompute it on
+    another worker if the one holding it is lost.
+    """
+    final = f"{out}/{sink.STAGING}/{sink.IMAGES}"
+    sink.make_folder(out_fs, final)
+    projection = client.submit(reduce.projection, out_fs, f"{out}/{sink.STAGING}/{sink.PCA}", key=f"projection-{client.id}")
     futures = [
         client.submit(
-            sink.finish_partition, out_fs, part["staged"], f"{out}/{sink.IMAGES}/{sink.part_name(index)}",
-            mean, components, key=f"write-{index}-{client.id}",
+            sink.finish_partition, out_fs, part["staged"], f"{final}/{sink.part_name(index)}",
+            projection, key=f"write-{index}-{client.id}",
         )
         for index, part in enumerate(staged)
         if part["rows"]
@@ -142,16 +227,24 @@ def write_output(client, staged: list[dict], pca: reduce.Pca, out_fs, out: str, 
     with tqdm(total=sum(p["rows"] for p in staged), unit="img", desc="write", disable=not progress) as bar:
         for _, rows in as_completed(futures, with_results=True):
             bar.update(rows)
-    out_fs.rm(f"{out}/{sink.STAGING}", recursive=True)
 
 
 def check_writable(fs, path: str, url: str) -> None:
     """Fail before any work if the output cannot be written."""
     probe = f"{path}/{sink.STAGING}/.write-test"
-    try:
+    with output_errors(url):
         sink.make_folder(fs, f"{path}/{sink.STAGING}")
         fs.pipe_file(probe, b"")
         fs.rm_file(probe)
+
+
+@contextlib.contextmanager
+def output_errors(url: str):
+    """Turn any failure to use the output into one usage error that says what to do."""
+    try:
+        yield
+    except UsageError:
+        raise
     except Exception as error:  # each storage backend fails its own way (no credentials, read-only...)
         raise UsageError(
             f"cannot write to output {url}: {type(error).__name__}: {error}; choose a writable folder or bucket"

@@ -46,13 +46,18 @@ class Pca:
         return float(self.explained_variance_ratio[: self.n_components].sum())
 
     def save(self, fs, path: str) -> None:
-        with fs.open(path, "wb") as f:
-            np.savez(f, **dataclasses.asdict(self))
+        sink.publish(fs, path, lambda f: np.savez(f, **dataclasses.asdict(self)))
 
     @classmethod
     def load(cls, fs, path: str) -> "Pca":
         with fs.open(path, "rb") as f, np.load(f) as saved:
             return cls(**{name: saved[name] for name in saved.files} | {"n_samples": int(saved["n_samples"])})
+
+
+def projection(fs, path: str) -> tuple[np.ndarray, np.ndarray]:
+    """The mean and kept components of a saved PCA: what the workers need to project features."""
+    pca = Pca.load(fs, path)
+    return pca.mean, pca.components
 
 
 def staged_matrix(fs, paths: list[str], rows: list[int], width: int) -> da.Array:

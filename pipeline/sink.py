@@ -1,15 +1,25 @@
-"""The output: one parquet row per image, an errors table, the manifest.
+"""The output: one parquet row per image, an errors table, the manifest; written so that a run
+that stops half-way never looks complete.
 
 Layout under the output folder:
     images.parquet/part-NNNNN.parquet  path, label, split, features list<float32>, pca list<float32>
     errors.parquet                     path, stage, error, message: inputs that could not be used
     pca.npz                            the fitted PCA (see reduce.py)
-    manifest.json                      settings, versions, weights used, counts, timings
-    _staging/                          features between featurizing and the PCA; removed at the end
+    manifest.json                      settings, versions, weights used, counts, timings; written
+                                       last: an output is complete when it has a manifest
+    _staging/                          the run in progress, removed when it is committed:
+      run.json, listing.parquet        what --resume needs to finish it with the same partitions
+      features/part-NNNNN.parquet      one partition's features, errors and timings; there = done
+      images.parquet/, errors.parquet, pca.npz   the new output, moved into place at commit
+
+Every file is published whole: object stores show an object only once uploaded, and local files
+are written beside their name and renamed. A retried partition rewrites its own file.
 """
 from __future__ import annotations
 
 import json
+import uuid
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -23,6 +33,10 @@ ERRORS = "errors.parquet"
 MANIFEST = "manifest.json"
 PCA = "pca.npz"
 STAGING = "_staging"
+RUN = f"{STAGING}/run.json"
+LISTING = f"{STAGING}/listing.parquet"
+STAGED = f"{STAGING}/features"
+FINAL = (IMAGES, ERRORS, PCA)  # moved from _staging into place at commit, then the manifest
 ERROR_COLUMNS = ["path", "stage", "error", "message"]
 
 
@@ -61,10 +75,25 @@ def rows_table(rows: pd.DataFrame, **vectors: np.ndarray) -> pa.Table:
     return pa.table(columns)
 
 
+def publish(fs, path: str, write: Callable) -> None:
+    """Write a file through `write(f)` so that `path` appears only once complete, on any filesystem."""
+    if not source.is_local(fs):  # an object store shows the object when its upload completes
+        with fs.open(path, "wb") as f:
+            write(f)
+        return
+    partial = f"{path}.{uuid.uuid4().hex[:8]}.partial"
+    try:
+        with fs.open(partial, "wb") as f:
+            write(f)
+        fs.mv(partial, path)
+    finally:
+        if fs.exists(partial):
+            fs.rm_file(partial)
+
+
 def write_parquet(fs, path: str, table: pa.Table) -> None:
     """Write one parquet file through any fsspec filesystem (no pandas index: Spark reads it as is)."""
-    with fs.open(path, "wb") as f:
-        pq.write_table(table, f)
+    publish(fs, path, lambda f: pq.write_table(table, f))
 
 
 def read_parquet(fs, path: str) -> pa.Table:
@@ -73,15 +102,33 @@ def read_parquet(fs, path: str) -> pa.Table:
         return pq.read_table(f)
 
 
+def stage_partition(fs, path: str, rows: pd.DataFrame, features: np.ndarray, errors: list[dict], seconds: dict) -> dict:
+    """Stage one partition: its rows and features, with its errors and timings in the file's metadata.
+
+    One file per partition makes it done or not done as a whole: --resume reads the summary back.
+    """
+    summary = {"rows": len(rows), "errors": errors, "seconds": seconds}
+    table = rows_table(rows, features=features).replace_schema_metadata({"pipeline": json.dumps(summary)})
+    write_parquet(fs, path, table)
+    return summary
+
+
+def staged_summary(fs, path: str) -> dict:
+    """Rows, errors and timings of a partition staged by an earlier, interrupted run."""
+    with fs.open(path, "rb") as f:
+        return json.loads(pq.read_schema(f).metadata[b"pipeline"])
+
+
 def staged_features(fs, path: str, width: int) -> np.ndarray:
     """The features of one staged partition, for the PCA fit."""
     with fs.open(path, "rb") as f:
         return matrix(pq.read_table(f, columns=["features"])["features"], width)
 
 
-def finish_partition(fs, staged_path: str, final_path: str, mean: np.ndarray, components: np.ndarray) -> int:
-    """Add the PCA projection to a staged partition and write it to the output; returns its rows."""
-    table = read_parquet(fs, staged_path)
+def finish_partition(fs, staged_path: str, final_path: str, projection: tuple[np.ndarray, np.ndarray]) -> int:
+    """Add the PCA projection (mean, components) to a staged partition and write it; returns its rows."""
+    mean, components = projection
+    table = read_parquet(fs, staged_path).replace_schema_metadata(None)
     features = matrix(table["features"], mean.shape[0])
     projected = (features - mean) @ components.T
     write_parquet(fs, final_path, table.append_column("pca", list_array(projected.astype(np.float32))))
@@ -95,9 +142,14 @@ def errors_table(errors: list[dict]) -> pa.Table:
 
 def write_json(fs, path: str, data: dict) -> None:
     """Write a JSON document (the manifest) through any fsspec filesystem."""
-    with fs.open(path, "w") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False, default=str)
-        f.write("\n")
+    text = json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n"
+    publish(fs, path, lambda f: f.write(text.encode()))
+
+
+def read_json(fs, path: str) -> dict:
+    """Read a JSON document (a manifest, a run's record) through any fsspec filesystem."""
+    with fs.open(path, "rb") as f:
+        return json.load(f)
 
 
 def make_folder(fs, path: str) -> None:
@@ -106,9 +158,32 @@ def make_folder(fs, path: str) -> None:
         fs.makedirs(path, exist_ok=True)
 
 
-def remove_outputs(fs, output: str) -> None:
-    """Remove what an earlier run wrote here (only the pipeline's own files), so that runs never mix."""
-    for name in (IMAGES, ERRORS, MANIFEST, PCA, STAGING):
-        path = f"{output}/{name}"
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
+def exists(fs, out: str, name: str) -> bool:
+    """True if the output folder `out` holds `name` (a file or a folder of parts)."""
+    return fs.exists(f"{out}/{name}")
+
+
+def remove(fs, out: str, *names: str) -> None:
+    """Remove these names of the pipeline's own under `out`, where they exist (nothing else)."""
+    for name in names:
+        if exists(fs, out, name):
+            fs.rm(f"{out}/{name}", recursive=True)
+
+
+def move(fs, path: str, target: str) -> None:
+    """Move a file or a folder of files: a rename on a local disk, a copy of each object elsewhere."""
+    if source.is_local(fs):
+        fs.mv(path, target, recursive=True)
+        return
+    files = fs.find(path)  # s3fs's recursive mv also tries to copy the folder as an object, and fails
+    fs.copy(files, [target + name[len(path) :] for name in files])
+    fs.rm(files)
+
+
+def commit(fs, out: str, manifest: dict) -> None:
+    """Replace the previous output by the staged one; the manifest, written last, marks it complete."""
+    remove(fs, out, MANIFEST, *FINAL)
+    for name in FINAL:
+        move(fs, f"{out}/{STAGING}/{name}", f"{out}/{name}")
+    write_json(fs, f"{out}/{MANIFEST}", manifest)
+    remove(fs, out, RUN, STAGING)

@@ -60,6 +60,7 @@ def test_a_run_prints_the_dashboard_first_and_a_summary_last(sample_copy, tmp_pa
         (["--cluster", "yarn"], "unknown cluster 'yarn'"),
         (["--batch-size", "-4"], "batch-size"),
         (["--input", "s3://fruits/x", "--endpoint-url", CLOSED_PORT], "cannot list input s3://fruits/x"),
+        (["--output", "s3://fruits/out", "--endpoint-url", CLOSED_PORT], "cannot write to output s3://fruits/out"),
     ],
 )
 def test_bad_arguments_give_one_line_and_exit_code_2(args, message, tmp_path):

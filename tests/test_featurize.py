@@ -2,9 +2,12 @@
 import numpy as np
 import pytest
 
+import pipeline
 from pipeline import featurize
 from pipeline.config import SAMPLE_DIR, UsageError
 from pipeline.images import decode
+
+LIMIT = pipeline.settings().max_image_pixels
 
 pytestmark = pytest.mark.slow
 RANDOM = featurize.ModelKey("mobilenet_v2", 96, "random", 0)
@@ -15,7 +18,7 @@ def photos() -> list[np.ndarray]:
     """Two photos of each of three apple varieties, decoded."""
     folders = ["Apple Golden 1", "Apple Red 1", "Apple Granny Smith"]
     paths = [p for folder in folders for p in sorted((SAMPLE_DIR / "Training" / folder).glob("*.jpg"))[:2]]
-    return [decode(p.read_bytes(), 96) for p in paths]
+    return [decode(p.read_bytes(), 96, LIMIT) for p in paths]
 
 
 @pytest.fixture(scope="module")
