@@ -20,7 +20,11 @@ def decode(data: bytes, size: int, max_pixels: int) -> np.ndarray:
     batch inside the model's graph, which is cheaper than resizing them one by one. An image that
     would still decode to more than `max_pixels` raises Image.DecompressionBombError.
     """
-    with Image.open(io.BytesIO(data)) as image:
+    try:
+        opened = Image.open(io.BytesIO(data))
+    except Image.UnidentifiedImageError:  # Pillow's message names a memory address: say what was read
+        raise Image.UnidentifiedImageError(f"not an image Pillow can read: {len(data):,} bytes, starting {data[:8]!r}") from None
+    with opened as image:
         image.draft(image.mode, (size, size))
         if image.width * image.height > max_pixels:
             raise Image.DecompressionBombError(

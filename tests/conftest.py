@@ -10,6 +10,7 @@ import s3fs
 from distributed import LocalCluster
 from moto.server import ThreadedMotoServer
 
+from faults import FaultyS3
 from pipeline.config import SAMPLE_DIR
 
 FAKE_KEY, FAKE_SECRET = "FAKEKEYPIPELINETEST0", "fake/secret/of/the/pipeline/tests/0000000"
@@ -47,6 +48,14 @@ def s3(s3_endpoint):
     fs.put(str(SAMPLE_DIR) + "/", "fruits/fruits-360/", recursive=True)
     yield fs
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def faulty_s3(s3, s3_endpoint):
+    """A proxy in front of the S3 server that injects the faults a test asks for (see faults.py)."""
+    proxy = FaultyS3(s3_endpoint)
+    yield proxy
+    proxy.close()
 
 
 @pytest.fixture(scope="session")

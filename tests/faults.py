@@ -1,0 +1,111 @@
+"""A fault-injecting HTTP proxy in front of the S3 API server: storage that fails like real storage does.
+
+Requests pass through unchanged unless a rule matches their method and key; a rule answers with
+an S3 error (503 SlowDown, 500 InternalError, 403 AccessDenied) or resets the connection. Actions
+can run just before the first object is read (to delete an object between listing and reading).
+"""
+from __future__ import annotations
+
+import collections
+import http.client
+import http.server
+import socket
+import struct
+import threading
+import urllib.parse
+
+ERRORS = {
+    503: ("SlowDown", "Please reduce your request rate."),
+    500: ("InternalError", "We encountered an internal error. Please try again."),
+    403: ("AccessDenied", "Access Denied"),
+}
+
+
+class FaultyS3:
+    """Proxy on a free loopback port; `fail(method, key, faults)` queues faults for one key."""
+
+    def __init__(self, upstream: str):
+        self.upstream = urllib.parse.urlsplit(upstream).netloc
+        self.faults: dict[tuple[str, str], collections.deque] = {}
+        self.always: dict[tuple[str, str], object] = {}
+        self.before_first_read: list = []  # callables run once, before the first object GET is served
+        self.requests: collections.Counter = collections.Counter()  # (method, key) → requests seen
+        self.lock = threading.Lock()
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def fail(self, method: str, key: str, *faults) -> None:
+        """The next requests `method /bucket/key` get these faults in turn (503, 500, 403 or "reset")."""
+        self.faults.setdefault((method, key), collections.deque()).extend(faults)
+
+    def fail_always(self, method: str, key: str, fault) -> None:
+        """Every request `method /bucket/key` gets this fault."""
+        self.always[(method, key)] = fault
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _next_fault(self, method: str, key: str):
+        with self.lock:
+            self.requests[(method, key)] += 1
+            if method == "GET" and "/" in key:  # an object, not a bucket listing
+                while self.before_first_read:
+                    self.before_first_read.pop()()
+            if (method, key) in self.always:
+                return self.always[(method, key)]
+            queued = self.faults.get((method, key))
+            return queued.popleft() if queued else None
+
+    def _forward(self, method: str, path: str, headers, body: bytes) -> tuple[int, list, bytes]:
+        connection = http.client.HTTPConnection(self.upstream, timeout=60)
+        try:
+            connection.request(method, path, body=body, headers=dict(headers))
+            response = connection.getresponse()
+            return response.status, response.getheaders(), response.read()
+        finally:
+            connection.close()
+
+    def _handler(self):
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _serve(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                key = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path.lstrip("/"))
+                fault = proxy._next_fault(self.command, key)
+                if fault == "reset":
+                    # SO_LINGER 0: closing sends a TCP reset, as a dropped connection does
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.close_connection = True
+                    return
+                if fault in ERRORS:
+                    code, message = ERRORS[fault]
+                    xml = f"<Error><Code>{code}</Code><Message>{message}</Message></Error>".encode()
+                    self.send_response(fault)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(xml)))
+                    self.end_headers()
+                    self.wfile.write(xml)
+                    return
+                status, headers, payload = proxy._forward(self.command, self.path, self.headers.items(), body)
+                self.send_response(status)
+                for name, value in headers:
+                    if name.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(name, value)
+                length = dict((k.lower(), v) for k, v in headers).get("content-length", "0")
+                self.send_header("Content-Length", length if self.command == "HEAD" else str(len(payload)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(payload)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _serve
+
+        return Handler

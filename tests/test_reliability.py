@@ -1,0 +1,147 @@
+"""Nothing lost, nothing duplicated: broken and odd files, failing storage, lost workers, reruns.
+
+Every image listed ends up exactly once in the output or in the errors table with its reason.
+"""
+import io
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from distributed import Client, LocalCluster
+from PIL import Image
+
+import pipeline
+from pipeline.config import SAMPLE_DIR, UsageError
+
+pytestmark = pytest.mark.slow
+ODD = "Training/Odd files"
+
+
+def encode(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def odd_files() -> dict[str, tuple[bytes, str]]:
+    """Relative path → (content, what the run must make of it: "row", "skipped" or the error stage)."""
+    photo = (SAMPLE_DIR / "Training" / "Apple Red 1").glob("*.jpg").__next__().read_bytes()
+    fruit = Image.open(io.BytesIO(photo))
+    rotated = fruit.copy()
+    exif = rotated.getexif()
+    exif[0x0112] = 6
+    frames = [fruit, fruit.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    return {
+        f"{ODD}/grayscale.png": (encode(fruit.convert("L"), "PNG"), "row"),
+        f"{ODD}/palette.png": (encode(fruit.convert("P"), "PNG"), "row"),
+        f"{ODD}/rgba.png": (encode(fruit.convert("RGBA"), "PNG"), "row"),
+        f"{ODD}/cmyk.jpg": (encode(fruit.convert("CMYK"), "JPEG"), "row"),
+        f"{ODD}/16-bit.png": (encode(Image.fromarray(np.full((50, 50), 40000, np.uint16)), "PNG"), "row"),
+        f"{ODD}/animated.gif": (encode(frames[0], "GIF", save_all=True, append_images=frames[1:]), "row"),
+        f"{ODD}/animated.webp": (encode(frames[0], "WEBP", save_all=True, append_images=frames[1:]), "row"),
+        f"{ODD}/exif-rotated.jpg": (encode(rotated, "JPEG", exif=exif), "row"),
+        f"{ODD}/one-pixel.png": (encode(Image.new("RGB", (1, 1), (200, 0, 0)), "PNG"), "row"),
+        f"{ODD}/10000x10000.jpg": (encode(Image.new("L", (10_000, 10_000), 90), "JPEG"), "row"),
+        f"{ODD}/a copy of the photo.jpg": (photo, "row"),
+        f"{ODD}/sp ace#hash%25percent+plus'quote\"double.jpg": (photo, "row"),
+        "Training/Яблоко 苹果/ünïcødé ☺.jpg": (photo, "row"),
+        f"{ODD}/zero-bytes.jpg": (b"", "decode"),
+        f"{ODD}/truncated.jpg": (photo[: len(photo) // 3], "decode"),
+        f"{ODD}/text-named-like-an-image.png": (b"these are not the pixels you are looking for", "decode"),
+        f"{ODD}/10000x10000.png": (encode(Image.new("L", (10_000, 10_000), 90), "PNG"), "decode"),
+        f"{ODD}/notes.txt": (b"not an image", "skipped"),
+        f"{ODD}/.DS_Store": (b"\0\0\0\1Bud1", "skipped"),
+        "README": (b"about these files", "skipped"),
+    }
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return odd_files()
+
+
+def run(input, output, cluster, *, resume=False, overwrite=False, **options):
+    settings = pipeline.settings(input=str(input), output=str(output), cluster=cluster, weights="random", **options)
+    return pipeline.run(settings, resume=resume, overwrite=overwrite, progress=False, say=lambda message: None)
+
+
+def read_output(output, **storage) -> tuple[pd.DataFrame, pd.DataFrame]:
+    options = {"storage_options": storage} if storage else {}
+    rows = pd.read_parquet(f"{output}/images.parquet", **options)
+    return rows, pd.read_parquet(f"{output}/errors.parquet", **options)
+
+
+def assert_every_file_accounted_for(rows, errors, manifest, expected: dict[str, str], listed: int):
+    assert rows.path.is_unique and errors.path.is_unique
+    assert set(rows.path) == {path for path, outcome in expected.items() if outcome == "row"}
+    assert dict(zip(errors.path, errors.stage)) == {
+        path: outcome for path, outcome in expected.items() if outcome not in ("row", "skipped")
+    }
+    counts = manifest["counts"]
+    assert counts["written"] + counts["failed"] + counts["skipped_non_images"] == listed
+    assert counts["skipped_non_images"] == sum(outcome == "skipped" for outcome in expected.values())
+
+
+def test_odd_and_broken_files_in_a_folder_each_become_a_row_or_an_error(corpus, tmp_path, dask_cluster):
+    for path, (content, _) in corpus.items():
+        (tmp_path / "in" / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / path).write_bytes(content)
+    manifest = run(tmp_path / "in", tmp_path / "out", dask_cluster)
+
+    rows, errors = read_output(tmp_path / "out")
+    assert_every_file_accounted_for(rows, errors, manifest, {p: o for p, (_, o) in corpus.items()}, len(corpus))
+    reasons = dict(zip(errors.path, errors.error))
+    assert reasons[f"{ODD}/10000x10000.png"] == "DecompressionBombError"
+    assert reasons[f"{ODD}/zero-bytes.jpg"] == "UnidentifiedImageError"
+    assert set(rows.label) == {"Odd files", "Яблоко 苹果"}
+    assert rows.features.map(lambda f: np.isfinite(f).all()).all()
+
+
+def test_on_s3_odd_keys_and_an_object_deleted_after_listing_are_accounted_for(corpus, s3, faulty_s3, dask_cluster):
+    s3.rm("fruits/fruits-360", recursive=True)
+    for path, (content, _) in corpus.items():
+        s3.pipe_file(f"fruits/odd/{path}", content)
+    vanishing = f"{ODD}/a copy of the photo.jpg"
+    faulty_s3.before_first_read.append(lambda: s3.rm_file(f"fruits/odd/{vanishing}"))
+    options = {"endpoint_url": faulty_s3.endpoint}
+    manifest = run("s3://fruits/odd", "s3://fruits/out", dask_cluster, storage_options=options)
+
+    rows, errors = read_output("s3://fruits/out", **options)
+    expected = {p: o for p, (_, o) in corpus.items()} | {vanishing: "read"}
+    assert_every_file_accounted_for(rows, errors, manifest, expected, len(corpus))
+    assert dict(zip(errors.path, errors.error))[vanishing] == "FileNotFoundError"
+
+
+def test_transient_storage_errors_are_retried_and_permanent_ones_recorded_at_once(faulty_s3, dask_cluster):
+    photos = sorted(path.relative_to(SAMPLE_DIR).as_posix() for path in SAMPLE_DIR.rglob("*.jpg"))
+    key = lambda path: f"fruits/fruits-360/{path}"
+    faulty_s3.fail("GET", key(photos[0]), 503, 500, 503)  # throttled, then a server error, then throttled
+    faulty_s3.fail("GET", key(photos[1]), "reset")  # connection reset by peer
+    faulty_s3.fail_always("GET", key(photos[2]), 403)  # access denied: no retry helps
+    faulty_s3.fail("PUT", "fruits/out/_staging/features/part-00000.parquet", 503)  # writes are retried too
+    options = {"endpoint_url": faulty_s3.endpoint}
+    manifest = run("s3://fruits/fruits-360", "s3://fruits/out", dask_cluster, storage_options=options)
+
+    rows, errors = read_output("s3://fruits/out", **options)
+    assert {photos[0], photos[1]} <= set(rows.path) and len(rows) == len(photos) - 1
+    assert errors[["path", "stage", "error"]].to_dict("records") == [
+        {"path": photos[2], "stage": "read", "error": "PermissionError"}
+    ]
+    assert faulty_s3.requests[("GET", key(photos[0]))] == 4 and faulty_s3.requests[("GET", key(photos[1]))] == 2
+    assert faulty_s3.requests[("GET", key(photos[2]))] == 1
+    assert manifest["counts"]["failed"] == 1
+
+
+def test_rerunning_onto_an_output_is_refused_unless_asked_to_overwrite_or_resume(tmp_path, dask_cluster):
+    first = run(SAMPLE_DIR, tmp_path, dask_cluster, n_components=5)
+    with pytest.raises(UsageError, match="already holds the output of an earlier run: pass --resume"):
+        run(SAMPLE_DIR, tmp_path, dask_cluster, n_components=7)
+    again = run(SAMPLE_DIR, tmp_path, dask_cluster, n_components=7, overwrite=True)
+    assert again["pca"]["n_components"] == 7 and first["started"] != again["started"]
+    resumed = pipeline.run(pipeline.settings(input=str(SAMPLE_DIR), output=str(tmp_path)), resume=True, say=print)
+    assert resumed == json.loads(json.dumps(again, default=str))  # complete already: nothing to do
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["errors.parquet", "images.parquet", "manifest.json", "pca.npz"]
