@@ -2,10 +2,13 @@
 
 Every image listed ends up exactly once in the output or in the errors table with its reason.
 """
+import concurrent.futures
 import io
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -145,3 +148,111 @@ def test_rerunning_onto_an_output_is_refused_unless_asked_to_overwrite_or_resume
     resumed = pipeline.run(pipeline.settings(input=str(SAMPLE_DIR), output=str(tmp_path)), resume=True, say=print)
     assert resumed == json.loads(json.dumps(again, default=str))  # complete already: nothing to do
     assert sorted(p.name for p in tmp_path.iterdir()) == ["errors.parquet", "images.parquet", "manifest.json", "pca.npz"]
+
+
+# --- interrupted runs, lost workers, determinism ----------------------------------------------------
+
+SMALL_PARTITIONS = dict(images_per_partition=4, image_size=320, n_components=10)  # 33 partitions, slow enough to stop
+
+
+@pytest.fixture(scope="module")
+def reference(dask_cluster, tmp_path_factory):
+    """The rows of one uninterrupted run on the sample, and its PCA."""
+    out = tmp_path_factory.mktemp("reference")
+    run(SAMPLE_DIR, out, dask_cluster, **SMALL_PARTITIONS)
+    return read_output(out)[0], np.load(out / "pca.npz")
+
+
+def assert_same_output(out, reference):
+    rows, pca = read_output(out)[0], np.load(out / "pca.npz")
+    expected_rows, expected_pca = reference
+    pd.testing.assert_frame_equal(rows[["path", "label", "split"]], expected_rows[["path", "label", "split"]])
+    np.testing.assert_array_equal(np.stack(rows.features), np.stack(expected_rows.features))
+    np.testing.assert_allclose(pca["explained_variance_ratio"], expected_pca["explained_variance_ratio"], rtol=1e-4, atol=1e-12)
+    np.testing.assert_allclose(np.abs(pca["components"]), np.abs(expected_pca["components"]), atol=1e-4)
+
+
+def start_cli(out, *args) -> subprocess.Popen:
+    """`python -m pipeline run` in its own process group, as a terminal runs it."""
+    options = [f"--{name.replace('_', '-')}={value}" for name, value in SMALL_PARTITIONS.items()]
+    command = [sys.executable, "-m", "pipeline", "run", "--input", str(SAMPLE_DIR), "--output", str(out),
+               "--weights", "random", "--quiet", *options, *args]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for_staged_partitions(out, at_least: int, running, timeout: float = 240) -> int:
+    """Wait until the run in progress has staged `at_least` partitions; how many it has."""
+    folder = out / "_staging" / "features"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        staged = len(list(folder.glob("part-*.parquet"))) if folder.exists() else 0
+        if staged >= at_least:
+            return staged
+        assert running(), "the run ended before it could be interrupted"
+        time.sleep(0.01)
+    pytest.fail(f"no {at_least} partitions staged in {timeout} s")
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "killed"])
+def test_an_interrupted_run_shows_no_output_and_resumes_to_the_same_result(stop, tmp_path, reference):
+    out = tmp_path / "out"
+    interrupted = start_cli(out)
+    wait_for_staged_partitions(out, 3, lambda: interrupted.poll() is None)
+    os.killpg(interrupted.pid, stop)
+    _, stderr = interrupted.communicate(timeout=120)
+    if stop == signal.SIGINT:
+        assert interrupted.returncode == 130 and "--resume" in stderr.splitlines()[-1]
+    staged = len(list((out / "_staging" / "features").glob("part-*.parquet")))
+    assert 3 <= staged < 33
+    assert sorted(p.name for p in out.iterdir()) == ["_staging"]  # nothing that looks like an output
+
+    refused = subprocess.run(start_cli(out).args, capture_output=True, text=True)
+    assert refused.returncode == 2 and "already holds an interrupted run" in refused.stderr
+    resumed = subprocess.run([*start_cli(out).args, "--resume", "--json"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["counts"]["partitions_resumed"] == staged
+    assert_same_output(out, reference)
+
+
+@pytest.fixture(scope="module")
+def two_workers(aws_env):
+    """A LocalCluster of two single-threaded worker processes (the other tests' cluster has one of two threads)."""
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        yield cluster.scheduler_address
+
+
+def test_rows_and_features_do_not_depend_on_workers_or_partitions(two_workers, tmp_path, reference):
+    run(SAMPLE_DIR, tmp_path, two_workers, **SMALL_PARTITIONS | {"images_per_partition": 50})
+    assert_same_output(tmp_path, reference)
+
+
+def test_a_worker_killed_mid_run_loses_and_duplicates_no_row(two_workers, tmp_path, reference):
+    with Client(two_workers) as client, concurrent.futures.ThreadPoolExecutor(1) as background:
+        pids = client.run(os.getpid)
+        running = background.submit(run, SAMPLE_DIR, tmp_path, two_workers, **SMALL_PARTITIONS)
+        wait_for_staged_partitions(tmp_path, 1, lambda: not running.done())
+        os.kill(pids[sorted(pids)[0]], signal.SIGKILL)
+        manifest = running.result(timeout=600)
+        assert set(client.run(os.getpid).values()) != set(pids.values())  # one worker was lost and replaced
+    assert manifest["counts"]["written"] == 129 and manifest["counts"]["failed"] == 0
+    assert_same_output(tmp_path, reference)
+
+
+def test_credentials_never_appear_in_output_logs_report_or_error_messages(faulty_s3, s3, aws_env, tmp_path):
+    key, secret = aws_env
+    s3.pipe_file("fruits/fruits-360/Training/Odd files/broken.jpg", b"\xff\xd8 broken")
+    faulty_s3.fail_always("GET", "fruits/fruits-360/Training/Odd files/broken.jpg", 403)
+    env = {name: value for name, value in os.environ.items() if not name.startswith("AWS_")}
+    env |= {"DASK_PIPELINE__STORAGE_OPTIONS__KEY": key, "DASK_PIPELINE__STORAGE_OPTIONS__SECRET": secret}
+    report = tmp_path / "report.html"
+    command = [sys.executable, "-m", "pipeline", "run", "--input", "s3://fruits/fruits-360", "--weights", "random",
+               "--endpoint-url", faulty_s3.endpoint, "--report", str(report)]
+    done = subprocess.run([*command, "--output", "s3://fruits/out", "--json"], capture_output=True, text=True, env=env)
+    failed = subprocess.run([*command, "--output", "s3://no-such-bucket/out"], capture_output=True, text=True, env=env)
+
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["counts"]["failed"] == 1  # the credentials were used, and an error recorded
+    assert failed.returncode == 2 and "cannot write to output s3://no-such-bucket/out" in failed.stderr
+    written = [s3.cat_file(path) for path in s3.find("fruits/out")]
+    for text in [done.stdout, done.stderr, failed.stderr, report.read_text(), *(w.decode("latin-1") for w in written)]:
+        assert key not in text and secret not in text
