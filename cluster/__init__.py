@@ -1,43 +1,62 @@
-"""How a run gets its Dask cluster: a LocalCluster sized for this machine, or a running scheduler."""
+"""How a run gets its Dask cluster: a LocalCluster, a running scheduler, or a cluster file.
+
+    --cluster local                  a LocalCluster sized for this machine (pipeline.yaml's local-cluster)
+    --cluster tcp://10.0.0.5:8786    a scheduler you already run
+    --cluster cluster/ec2-gpu.yaml   a cluster file (spec.py): kind local, or kind ec2 (ec2.py)
+"""
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator
+from typing import Callable, Iterator
 
 from distributed import Client, LocalCluster
 
 from pipeline.config import UsageError
 
+from . import spec as specs
+
 SCHEDULER_PROTOCOLS = ("tcp://", "tls://", "ucx://", "inproc://")
+# Featurize tasks ask for half a GPU: two partitions at once per GPU worker, one in the model
+# (one inference at a time per process) while the other is read and decoded.
+FEATURIZE_GPU_SHARE = 0.5
 
 
 @contextlib.contextmanager
-def connect(address: str, local: dict) -> Iterator[Client]:
-    """A client of the cluster `address` names ("local" or "tcp://host:port"), closed on the way out."""
+def connect(address: str, local: dict, say: Callable[[str], None] = lambda message: None) -> Iterator[Client]:
+    """A client of the cluster `address` names, closed (and any cluster it started removed) on the way out."""
     check_address(address)
-    if address == "local":
-        n_workers, threads = local_size(local.get("n-workers"), local.get("threads-per-worker"))
-        with LocalCluster(
-            n_workers=n_workers,
-            threads_per_worker=threads,
-            processes=True,
-            dashboard_address=local.get("dashboard-address", ":8787"),
-        ) as cluster, Client(cluster) as client:
-            yield client
-    else:
+    if address.startswith(SCHEDULER_PROTOCOLS):
         try:
             client = Client(address)  # waits distributed.comm.timeouts.connect (30 s by default)
         except (OSError, TimeoutError) as error:
             raise UsageError(f"cannot reach the Dask scheduler at {address}: {error}") from None
         with client:
             yield client
+        return
+    spec = specs.load(address) if specs.is_cluster_file(address) else specs.build(specs.Local, local, "pipeline.yaml", "local-cluster.")
+    if isinstance(spec, specs.Ec2):
+        from . import ec2  # dask-cloudprovider and botocore load only for EC2
+
+        with ec2.launch(spec, address, say) as client:
+            yield client
+        return
+    n_workers, threads = local_size(spec.n_workers, spec.threads_per_worker)
+    with LocalCluster(
+        n_workers=n_workers, threads_per_worker=threads, processes=True, dashboard_address=spec.dashboard_address
+    ) as cluster, Client(cluster) as client:
+        yield client
 
 
 def check_address(address: str) -> None:
-    """Fail early, before any work, on a cluster setting that names no known kind of cluster."""
-    if address != "local" and not address.startswith(SCHEDULER_PROTOCOLS):
-        raise UsageError(f"unknown cluster {address!r}: use 'local' or a scheduler address tcp://host:8786")
+    """Fail early, before any work, on a cluster setting that names no cluster, or a bad cluster file."""
+    if specs.is_cluster_file(address):
+        specs.load(address)
+    elif address != "local" and not address.startswith(SCHEDULER_PROTOCOLS):
+        raise UsageError(
+            f"unknown cluster {address!r}: use 'local', a scheduler address tcp://host:8786, "
+            "or a cluster file such as cluster/ec2-gpu.yaml"
+        )
 
 
 def local_size(n_workers: int | None, threads_per_worker: int | None) -> tuple[int, int]:
@@ -49,3 +68,21 @@ def local_size(n_workers: int | None, threads_per_worker: int | None) -> tuple[i
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     n_workers = n_workers or max(1, cores // 4)
     return n_workers, threads_per_worker or max(1, cores // n_workers)
+
+
+def featurize_resources(client: Client, gpu: str | bool) -> dict | None:
+    """The worker resources featurize tasks ask for: a GPU share, or None to run anywhere.
+
+    gpu "auto": on the workers that declare a GPU resource when any does; True: only there;
+    False: anywhere.
+    """
+    if gpu is False:
+        return None
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    with_gpu = [w for w in workers if w.get("resources", {}).get("GPU", 0) > 0]
+    if gpu is True and workers and not with_gpu:
+        raise UsageError(
+            "`gpu` is true but no worker of the cluster declares a GPU: start GPU workers with "
+            "`dask worker --resources GPU=1`, or use --gpu auto"
+        )
+    return {"GPU": FEATURIZE_GPU_SHARE} if gpu is True or with_gpu else None

@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--input", help=f"fsspec URL or folder of images; 'sample' = the shipped sample (default {default('input')})")
     run.add_argument("--output", help=f"folder or fsspec URL for the results (default {default('output')})")
-    run.add_argument("--cluster", help=f"'local' or a scheduler address tcp://host:8786 (default {default('cluster')})")
+    run.add_argument("--cluster", help=f"'local', a scheduler address tcp://host:8786, or a cluster file such as cluster/ec2-gpu.yaml (default {default('cluster')})")
+    run.add_argument("--gpu", choices=["auto", "true", "false"], help="featurize on the workers declaring a GPU resource: "
+                     f"auto (when any does), true (only there) or false (anywhere) (default {default('gpu')})")
     run.add_argument("--model", choices=sorted(MODELS), help=f"CNN without its top (default {default('model')})")
     run.add_argument(
         "--weights",
@@ -63,12 +65,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--report", metavar="FILE.html", help="save a Dask performance report of the run")
     run.add_argument("--quiet", action="store_true", help="no progress bars or messages; errors and warnings only")
     run.add_argument("--json", action="store_true", help="print the manifest as JSON on stdout instead of the summary")
+    clusters = commands.add_parser("cluster", help="cluster files: plan what one would start, clean up what a killed run left")
+    actions = clusters.add_subparsers(dest="action", required=True, parser_class=Parser)
+    plan = actions.add_parser("plan", help="print the instances, their cost per hour and the settings of a cluster file; launches nothing")
+    plan.add_argument("file", help="a cluster file, e.g. cluster/ec2-gpu.yaml")
+    cleanup = actions.add_parser("cleanup", help="list the EC2 instances and security groups that pipeline runs left in the file's region")
+    cleanup.add_argument("file", help="an EC2 cluster file (for its region)")
+    cleanup.add_argument("--run", help="only this run id (printed when the run started)")
+    cleanup.add_argument("--yes", action="store_true", help="terminate and delete them")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    if args.command == "cluster":
+        return cluster_command(args)
     storage = dict(dask.config.get("pipeline.storage-options") or {})
     if args.endpoint_url:
         storage["endpoint_url"] = args.endpoint_url
@@ -81,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             input=args.input, output=args.output, cluster=args.cluster, model=args.model,
             weights=args.weights, n_components=args.n_components, image_size=args.image_size,
             batch_size=args.batch_size, images_per_partition=args.images_per_partition,
-            pca_batch_size=args.pca_batch_size, seed=args.seed, report=args.report,
+            pca_batch_size=args.pca_batch_size, seed=args.seed, report=args.report, gpu=args.gpu,
             storage_options=storage,
         )
         manifest = job.run(settings, resume=args.resume, overwrite=args.overwrite, say=say, progress=not quiet)
@@ -93,6 +105,22 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(manifest, indent=2, ensure_ascii=False, default=str))
     else:
         print(summary(manifest))
+    return 0
+
+
+def cluster_command(args: argparse.Namespace) -> int:
+    """`cluster plan FILE` and `cluster cleanup FILE [--run ID] [--yes]`."""
+    try:
+        if args.action == "plan":
+            from cluster.plan import plan
+
+            print(plan(args.file))
+        else:
+            from cluster.ec2 import cleanup
+
+            print(cleanup(args.file, args.run, args.yes))
+    except config.UsageError as error:
+        fail(str(error))
     return 0
 
 

@@ -27,6 +27,7 @@ class Settings:
     storage_options: dict
     cluster: str
     local_cluster: dict
+    gpu: str | bool
     extensions: tuple
     images_per_partition: int
     max_image_pixels: int
@@ -63,6 +64,7 @@ def settings(**overrides: Any) -> Settings:
         values["pca_batch_size"] = positive_int("pca_batch_size", values["pca_batch_size"])
     values["storage_options"] = dict(values["storage_options"] or {})
     values["local_cluster"] = dict(values["local_cluster"] or {})
+    values["gpu"] = parse_gpu(values["gpu"])
     return Settings(**values)
 
 
@@ -78,6 +80,14 @@ def parse_n_components(value: Any) -> int | float:
     raise UsageError(
         f"`n-components` must be an integer ≥ 1 or a fraction of variance in (0, 1], got {value!r}"
     )
+
+
+def parse_gpu(value: Any) -> str | bool:
+    """Where featurize tasks run: "auto", True (GPU workers only) or False (anywhere)."""
+    text = str(value).strip().lower()
+    if text in ("auto", "true", "false"):
+        return "auto" if text == "auto" else text == "true"
+    raise UsageError(f"`gpu` must be auto, true or false, got {value!r}")
 
 
 def positive_int(name: str, value: Any, allow_zero: bool = False) -> int:

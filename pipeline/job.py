@@ -77,13 +77,14 @@ def run(
 
     with contextlib.ExitStack() as stack:
         with stopwatch(timings, "cluster start"):
-            client = stack.enter_context(cluster.connect(s.cluster, s.local_cluster))
+            client = stack.enter_context(cluster.connect(s.cluster, s.local_cluster, say))
         say(f"dashboard: {client.dashboard_link}")
+        resources = cluster.featurize_resources(client, s.gpu)
         if s.report:
             stack.enter_context(performance_report(filename=s.report))
         key = featurize.ModelKey(s.model, s.image_size, weights.used, s.seed)
         with stopwatch(timings, "featurize"):
-            staged = stage_features(client, listing, key, s, out_fs, out, progress)
+            staged = stage_features(client, listing, key, s, out_fs, out, progress, resources)
         n_rows = sum(part["rows"] for part in staged)
         errors = [error for part in staged for error in part["errors"]]
         sink.write_parquet(out_fs, f"{out}/{sink.STAGING}/{sink.ERRORS}", sink.errors_table(errors))
@@ -178,8 +179,8 @@ def resume_settings(s: Settings) -> dict:
     return json.loads(json.dumps({key: getattr(s, key) for key in RESUME_KEYS}))
 
 
-def stage_features(client, listing, key, s: Settings, out_fs, out: str, progress: bool) -> list[dict]:
-    """Featurize every partition on the workers and stage its features; results in partition order.
+def stage_features(client, listing, key, s: Settings, out_fs, out: str, progress: bool, resources=None) -> list[dict]:
+    """Featurize every partition on the workers (those with `resources`) and stage its features, in order.
 
     Partitions an interrupted run already staged are not featurized again: their summary is read back.
     """
@@ -196,6 +197,7 @@ def stage_features(client, listing, key, s: Settings, out_fs, out: str, progress
             future = client.submit(
                 featurize.featurize_partition, rows, listing.fs, listing.root, key, s.batch_size,
                 s.max_image_pixels, s.storage_options, out_fs, staged, key=f"featurize-{index}-{client.id}",
+                resources=resources,
             )
         futures[future] = (index, staged, len(rows))
     results: list[dict] = [{}] * len(parts)
