@@ -59,6 +59,11 @@ def check_address(address: str) -> None:
         )
 
 
+def on_this_machine(address: str) -> bool:
+    """True for a LocalCluster: its workers see this machine's files."""
+    return address == "local" or specs.is_cluster_file(address) and isinstance(specs.load(address), specs.Local)
+
+
 def local_size(n_workers: int | None, threads_per_worker: int | None) -> tuple[int, int]:
     """Worker processes and threads for this machine: one process per 4 cores, the cores shared out.
 

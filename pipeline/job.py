@@ -71,7 +71,7 @@ def run(
         save_plan(out_fs, out, s, listing, weights)
     if weights.warning:
         log.warning(weights.warning)
-    if s.cluster != "local" and (source.is_local(listing.fs) or source.is_local(out_fs)):
+    if not cluster.on_this_machine(s.cluster) and (source.is_local(listing.fs) or source.is_local(out_fs)):
         log.warning("input or output is a local path and the cluster is not local: its workers must see that path too")
     say(f"{len(listing.rows)} images under {s.input}; non-image files skipped: {listing.skipped}")
 
