@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pathlib
 import shutil
+import subprocess
+import sys
 import urllib.request
 
 import pytest
@@ -71,3 +73,18 @@ def sample_copy(tmp_path) -> pathlib.Path:
     copy = tmp_path / "images"
     shutil.copytree(SAMPLE_DIR / "Training", copy / "Training")
     return copy
+
+
+@pytest.fixture
+def dask_process():
+    """Start `python -m dask ARGS` processes (scheduler, worker) that are stopped when the test ends."""
+    started = []
+
+    def start(*args) -> subprocess.Popen:
+        started.append(subprocess.Popen([sys.executable, "-m", "dask", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        return started[-1]
+
+    yield start
+    for process in reversed(started):
+        process.terminate()
+        process.wait(30)

@@ -7,13 +7,10 @@ group, instances, tags, profile, user-data) is the real code path, and so is the
 """
 import asyncio
 import base64
-import contextlib
 import http.server
 import json
 import pathlib
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -66,30 +63,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def dask_process(*args):
-    process = subprocess.Popen([sys.executable, "-m", "dask", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        yield process
-    finally:
-        process.terminate()
-        process.wait(30)
+@pytest.fixture
+def scheduler_in_place_of_ec2(tls, dask_process):
+    """Start a TLS scheduler on 127.0.0.1:port (where moto says the scheduler instance is), and a worker."""
 
-
-@contextlib.contextmanager
-def scheduler_in_place_of_ec2(port: int, tls_args: list[str], with_worker: bool):
-    """A TLS scheduler on 127.0.0.1:port (where moto says the scheduler instance is), and a worker."""
-    with dask_process("scheduler", "--protocol", "tls", "--host", "127.0.0.1", "--port", str(port),
-                      "--no-dashboard", *tls_args):
+    def start(port: int, with_worker: bool) -> None:
+        dask_process("scheduler", "--protocol", "tls", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard", *tls)
         deadline = time.monotonic() + 30
         while socket.socket().connect_ex(("127.0.0.1", port)) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if not with_worker:
-            yield
-            return
-        with dask_process("worker", f"tls://127.0.0.1:{port}", "--nthreads", "1", "--no-dashboard",
-                          "--resources", "GPU=1", *tls_args):
-            yield
+        if with_worker:
+            dask_process("worker", f"tls://127.0.0.1:{port}", "--nthreads", "1", "--no-dashboard", "--resources", "GPU=1", *tls)
+
+    return start
 
 
 def ec2_file(tmp_path, aws, port: int, **changes) -> str:
@@ -131,19 +117,19 @@ def assert_nothing_left(ec2):
 
 
 @pytest.mark.slow  # a scheduler process in place of the instances
-def test_an_ec2_run_starts_what_the_file_says_and_terminates_it_at_the_end(aws, tls, tmp_path, aws_env):
+def test_an_ec2_run_starts_what_the_file_says_and_terminates_it_at_the_end(aws, scheduler_in_place_of_ec2, tmp_path, aws_env):
     port = free_port()
     path = ec2_file(tmp_path, aws, port)
     messages = []
+    scheduler_in_place_of_ec2(port, with_worker=True)
     with dask.config.set({"pipeline.storage-options": {"secret": "storage-secret-never-shipped"}}):
-        with scheduler_in_place_of_ec2(port, tls, with_worker=True):
-            with cluster.connect(path, {}, messages.append) as client:
-                ec2 = aws["ec2"]
-                assert client.scheduler.address == f"tls://127.0.0.1:{port}"  # TLS, at the public address
-                assert cluster.featurize_resources(client, "auto") == {"GPU": cluster.FEATURIZE_GPU_SHARE}
-                started = instances(ec2)
-                [group] = run_groups(ec2)
-                run_id = tags(group)[cluster_ec2.RUN_TAG]
+        with cluster.connect(path, {}, messages.append) as client:
+            ec2 = aws["ec2"]
+            assert client.scheduler.address == f"tls://127.0.0.1:{port}"  # TLS, at the public address
+            assert cluster.featurize_resources(client, "auto") == {"GPU": cluster.FEATURIZE_GPU_SHARE}
+            started = instances(ec2)
+            [group] = run_groups(ec2)
+            run_id = tags(group)[cluster_ec2.RUN_TAG]
     ec2 = aws["ec2"]
 
     # the security group admits the caller (scheduler, dashboard) and the run's instances, nobody else
@@ -181,9 +167,10 @@ def test_an_ec2_run_starts_what_the_file_says_and_terminates_it_at_the_end(aws, 
 
 @pytest.mark.slow  # a scheduler process in place of the instances
 @pytest.mark.parametrize("stop", [RuntimeError("a task failed"), KeyboardInterrupt()], ids=["error", "ctrl-c"])
-def test_an_error_or_ctrl_c_during_the_run_terminates_everything(aws, tls, tmp_path, stop):
+def test_an_error_or_ctrl_c_during_the_run_terminates_everything(aws, scheduler_in_place_of_ec2, tmp_path, stop):
     port = free_port()
-    with scheduler_in_place_of_ec2(port, tls, with_worker=True), pytest.raises(type(stop)):
+    scheduler_in_place_of_ec2(port, with_worker=True)
+    with pytest.raises(type(stop)):
         with cluster.connect(ec2_file(tmp_path, aws, port), {}):
             assert len(instances(aws["ec2"])) == 3
             raise stop
@@ -201,9 +188,10 @@ def test_a_scheduler_that_never_answers_is_given_up_after_start_timeout_and_remo
 
 
 @pytest.mark.slow  # a scheduler process in place of the instances
-def test_workers_that_never_join_are_given_up_after_start_timeout_and_removed(aws, tls, tmp_path):
+def test_workers_that_never_join_are_given_up_after_start_timeout_and_removed(aws, scheduler_in_place_of_ec2, tmp_path):
     port = free_port()
-    with scheduler_in_place_of_ec2(port, tls, with_worker=False), pytest.raises(UsageError, match="no EC2 worker joined"):
+    scheduler_in_place_of_ec2(port, with_worker=False)
+    with pytest.raises(UsageError, match="no EC2 worker joined"):
         with cluster.connect(ec2_file(tmp_path, aws, port, **{"start-timeout": "3s"}), {}):
             pass
     assert len(instances(aws["ec2"])) == 3

@@ -1,6 +1,5 @@
 """Scale out on a real multi-process Dask cluster on loopback: `dask scheduler` and two `dask worker`
 processes, one of them declaring the resource GPU=1, used by the CLI through --cluster tcp://..."""
-import contextlib
 import subprocess
 import sys
 import time
@@ -15,34 +14,22 @@ import cluster
 pytestmark = pytest.mark.slow
 
 
-@contextlib.contextmanager
-def dask_process(*args):
-    process = subprocess.Popen([sys.executable, "-m", "dask", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        yield process
-    finally:
-        process.terminate()
-        process.wait(30)
-
-
 @pytest.fixture
-def loopback_cluster(tmp_path):
+def loopback_cluster(tmp_path, dask_process):
     """A scheduler on a free loopback port and two one-thread workers named gpu (GPU=1) and cpu."""
     scheduler_file = str(tmp_path / "scheduler.json")
     common = ["--scheduler-file", scheduler_file, "--nthreads", "1", "--no-dashboard"]
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(dask_process("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-                                         "--scheduler-file", scheduler_file))
-        stack.enter_context(dask_process("worker", *common, "--name", "gpu", "--resources", "GPU=1"))
-        stack.enter_context(dask_process("worker", *common, "--name", "cpu"))
-        client = stack.enter_context(Client(scheduler_file=scheduler_file, timeout=60))
+    dask_process("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file", scheduler_file)
+    dask_process("worker", *common, "--name", "gpu", "--resources", "GPU=1")
+    dask_process("worker", *common, "--name", "cpu")
+    with Client(scheduler_file=scheduler_file, timeout=60) as client:
         client.wait_for_workers(2, timeout=60)
         yield client
 
 
 def pipeline(*args):
-    return subprocess.run([sys.executable, "-m", "pipeline", "run", "--weights", "random", "--images-per-partition", "16", "--image-size", "96",
-                           "--quiet", *args], capture_output=True, text=True, timeout=600)
+    options = ["--weights", "random", "--images-per-partition", "16", "--image-size", "96", "--quiet"]
+    return subprocess.run([sys.executable, "-m", "pipeline", "run", *options, *args], capture_output=True, text=True, timeout=600)
 
 
 def rows(folder) -> pd.DataFrame:
@@ -73,11 +60,11 @@ def test_featurize_runs_only_on_the_gpu_worker_and_gives_the_rows_of_a_local_clu
     np.testing.assert_allclose(np.stack(on_tcp.pca), np.stack(on_local.pca), rtol=1e-4, atol=1e-4)
 
 
-def test_gpu_true_on_a_cluster_without_gpu_workers_is_a_usage_error(tmp_path):
+def test_gpu_true_on_a_cluster_without_gpu_workers_is_a_usage_error(tmp_path, dask_process):
     scheduler_file = str(tmp_path / "scheduler.json")
-    with dask_process("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file", scheduler_file), \
-            dask_process("worker", "--scheduler-file", scheduler_file, "--nthreads", "1", "--no-dashboard"), \
-            Client(scheduler_file=scheduler_file, timeout=60) as client:
+    dask_process("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file", scheduler_file)
+    dask_process("worker", "--scheduler-file", scheduler_file, "--nthreads", "1", "--no-dashboard")
+    with Client(scheduler_file=scheduler_file, timeout=60) as client:
         client.wait_for_workers(1, timeout=60)
         result = pipeline("--cluster", client.scheduler.address, "--gpu", "true", "--output", str(tmp_path / "out"))
     assert result.returncode == 2 and "no worker of the cluster declares a GPU" in result.stderr
