@@ -300,6 +300,8 @@ def removed_at_exit(ec2, run_id: str, say) -> Iterator[None]:
             removed = sweep(ec2, run_id)
             if removed:
                 say(f"EC2: run {run_id} removed: {removed}")
+        except botocore.exceptions.NoCredentialsError:
+            pass  # without credentials nothing was started either
         except Exception as error:  # never hide the run's own error; say how to finish by hand
             log.error(f"could not remove everything of EC2 run {run_id} ({error}); finish with: "
                       f"python -m pipeline cluster cleanup FILE --run {run_id} --yes")
