@@ -73,6 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
     cleanup.add_argument("file", help="an EC2 cluster file (for its region)")
     cleanup.add_argument("--run", help="only this run id (printed when the run started)")
     cleanup.add_argument("--yes", action="store_true", help="terminate and delete them")
+    report = commands.add_parser(
+        "report",
+        help="pictures of a finished run: PNG files and one self-contained HTML page",
+        description="Read a finished run's manifest.json, pca.npz, errors.parquet and images.parquet (labels and "
+        "first two PCA coordinates only) and write the explained variance, the images on the first two principal "
+        "components, the stage timings and the counts as PNG files, with report.html holding them all, to OUTPUT/report/.",
+    )
+    report.add_argument("output", metavar="OUTPUT", help="the --output of a finished run: folder or fsspec URL")
+    report.add_argument("--to", metavar="FOLDER", help="write the pictures and the page here instead of OUTPUT/report/")
+    report.add_argument("--endpoint-url", help="S3 endpoint of the output (MinIO, a local S3 server, another region)")
+    report.add_argument("--anon", action="store_true", help="read a public bucket without credentials")
     return parser
 
 
@@ -86,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         storage["endpoint_url"] = args.endpoint_url
     if args.anon:
         storage["anon"] = True
+    if args.command == "report":
+        return write_report(args.output, args.to, storage)
     quiet = args.quiet or args.json
     say = (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr, flush=True))
     try:
@@ -105,6 +118,18 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(manifest, indent=2, ensure_ascii=False, default=str))
     else:
         print(summary(manifest))
+    return 0
+
+
+def write_report(output: str, folder: str | None, storage: dict) -> int:
+    """`pipeline report`: draw the pictures of a finished run; print the files written, the page first."""
+    from . import report  # matplotlib is imported only to draw
+
+    try:
+        written = report.write(report.load(output, storage), folder, storage)
+    except config.UsageError as error:
+        fail(str(error))
+    print("\n".join(written))
     return 0
 
 

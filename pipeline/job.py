@@ -35,13 +35,14 @@ RESUME_KEYS = ("input", "extensions", "images_per_partition", "max_image_pixels"
 
 def run(
     settings: Settings, *, resume: bool = False, overwrite: bool = False,
-    say: Callable[[str], None] = print, progress: bool = True,
+    say: Callable[[str], None] = print, progress: bool = True, client=None,
 ) -> dict:
     """Run the job with `settings`; returns the manifest (also written next to the output).
 
     An output folder that already holds a run is refused unless `resume` (finish an interrupted
     run, featurizing only the partitions it had not staged) or `overwrite` (replace it: the old
-    output stays until the new one is committed).
+    output stays until the new one is committed). `client`: a Dask client to run on (a notebook's);
+    by default one for `settings.cluster` is started and closed here.
     """
     s = settings
     spec = featurize.model_spec(s.model)
@@ -60,6 +61,8 @@ def run(
     if state == "complete":
         say(f"{output} is complete: nothing to resume")
         return sink.read_json(out_fs, f"{out}/{sink.MANIFEST}")
+    if s.report:
+        check_report_writable(s.report, s.storage_options)
     if state == "resume":
         listing, weights = resume_plan(out_fs, out, output, s)
         say(f"resuming the interrupted run in {output}")
@@ -77,11 +80,12 @@ def run(
 
     with contextlib.ExitStack() as stack:
         with stopwatch(timings, "cluster start"):
-            client = stack.enter_context(cluster.connect(s.cluster, s.local_cluster, say))
+            if client is None:
+                client = stack.enter_context(cluster.connect(s.cluster, s.local_cluster, say))
         say(f"dashboard: {client.dashboard_link}")
         resources = cluster.featurize_resources(client, s.gpu)
         if s.report:
-            stack.enter_context(performance_report(filename=s.report))
+            stack.enter_context(performance_report(filename=s.report, storage_options=s.storage_options))
         key = featurize.ModelKey(s.model, s.image_size, weights.used, s.seed)
         with stopwatch(timings, "featurize"):
             staged = stage_features(client, listing, key, s, out_fs, out, progress, resources)
@@ -95,7 +99,7 @@ def run(
             )
         with stopwatch(timings, "pca fit"):
             features = reduce.staged_matrix(out_fs, [p["staged"] for p in staged], [p["rows"] for p in staged], spec.n_features)
-            with tqdm(total=n_rows, unit="img", desc="pca fit", disable=not progress) as bar:
+            with progress_bar("pca fit", n_rows, progress) as bar:
                 pca = reduce.fit(features, s.n_components, s.pca_batch_size, bar.update)
             pca.save(out_fs, f"{out}/{sink.STAGING}/{sink.PCA}")
         with stopwatch(timings, "project + write"):
@@ -201,7 +205,7 @@ def stage_features(client, listing, key, s: Settings, out_fs, out: str, progress
             )
         futures[future] = (index, staged, len(rows))
     results: list[dict] = [{}] * len(parts)
-    with tqdm(total=len(listing.rows), unit="img", desc="featurize", disable=not progress) as bar:
+    with progress_bar("featurize", len(listing.rows), progress) as bar:
         for future, result in as_completed(futures, with_results=True):
             index, staged, n_images = futures[future]
             results[index] = result | {"staged": staged, "images": n_images, "resumed": staged in done}
@@ -226,7 +230,7 @@ def write_output(client, staged: list[dict], out_fs, out: str, progress: bool) -
         for index, part in enumerate(staged)
         if part["rows"]
     ]
-    with tqdm(total=sum(p["rows"] for p in staged), unit="img", desc="write", disable=not progress) as bar:
+    with progress_bar("write", sum(p["rows"] for p in staged), progress) as bar:
         for _, rows in as_completed(futures, with_results=True):
             bar.update(rows)
 
@@ -251,6 +255,21 @@ def output_errors(url: str):
         raise UsageError(
             f"cannot write to output {url}: {type(error).__name__}: {error}; choose a writable folder or bucket"
         ) from None
+
+
+def progress_bar(stage: str, images: int, show: bool) -> tqdm:
+    """A stage's bar: images done / total and images/s averaged over the stage (not the last update)."""
+    return tqdm(total=images, unit="img", desc=f"{stage:<9}", smoothing=0, disable=not show)
+
+
+def check_report_writable(url: str, storage_options: dict) -> None:
+    """Fail before any work if the performance report could not be saved at the end."""
+    fs, path = source.open_url(url, storage_options)
+    try:
+        fs.pipe_file(path, b"")
+        fs.rm_file(path)
+    except Exception as error:  # each storage backend fails its own way
+        raise UsageError(f"cannot write the report {url}: {type(error).__name__}: {error}; choose a file in an existing folder") from None
 
 
 @contextlib.contextmanager

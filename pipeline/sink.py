@@ -7,6 +7,7 @@ Layout under the output folder:
     pca.npz                            the fitted PCA (see reduce.py)
     manifest.json                      settings, versions, weights used, counts, timings; written
                                        last: an output is complete when it has a manifest
+    report/                            pictures and report.html, by `python -m pipeline report` (report.py)
     _staging/                          the run in progress, removed when it is committed:
       run.json, listing.parquet        what --resume needs to finish it with the same partitions
       features/part-NNNNN.parquet      one partition's features, errors and timings; there = done
@@ -37,6 +38,7 @@ RUN = f"{STAGING}/run.json"
 LISTING = f"{STAGING}/listing.parquet"
 STAGED = f"{STAGING}/features"
 FINAL = (IMAGES, ERRORS, PCA)  # moved from _staging into place at commit, then the manifest
+REPORT = "report"
 ERROR_COLUMNS = ["path", "stage", "error", "message"]
 
 
@@ -182,7 +184,7 @@ def move(fs, path: str, target: str) -> None:
 
 def commit(fs, out: str, manifest: dict) -> None:
     """Replace the previous output by the staged one; the manifest, written last, marks it complete."""
-    remove(fs, out, MANIFEST, *FINAL)
+    remove(fs, out, MANIFEST, REPORT, *FINAL)  # the old pictures go with the old output
     for name in FINAL:
         move(fs, f"{out}/{STAGING}/{name}", f"{out}/{name}")
     write_json(fs, f"{out}/{MANIFEST}", manifest)
