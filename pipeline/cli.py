@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--resume", action="store_true", help="finish an interrupted run into the same --output, featurizing only what it had not")
     again.add_argument("--overwrite", action="store_true", help="replace what --output holds (the old output stays until the new one is complete)")
     run.add_argument("--report", metavar="FILE.html", help="save a Dask performance report of the run")
-    run.add_argument("--quiet", action="store_true", help="no progress bars or messages; errors and warnings only")
+    run.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors: no progress, no summary")
     run.add_argument("--json", action="store_true", help="print the manifest as JSON on stdout instead of the summary")
     clusters = commands.add_parser("cluster", help="cluster files: plan what one would start, clean up what a killed run left")
     actions = clusters.add_subparsers(dest="action", required=True, parser_class=Parser)
@@ -109,14 +110,15 @@ def main(argv: list[str] | None = None) -> int:
             pca_batch_size=args.pca_batch_size, seed=args.seed, report=args.report, gpu=args.gpu,
             storage_options=storage,
         )
-        manifest = job.run(settings, resume=args.resume, overwrite=args.overwrite, say=say, progress=not quiet)
+        with contextlib.redirect_stdout(sys.stderr):  # stdout holds the summary or the JSON alone
+            manifest = job.run(settings, resume=args.resume, overwrite=args.overwrite, say=say, progress=not quiet)
     except config.UsageError as error:
         fail(str(error))
     except KeyboardInterrupt:
         fail("interrupted; the cluster was closed. Run the same command with --resume to finish the run", code=130)
     if args.json:
         print(json.dumps(manifest, indent=2, ensure_ascii=False, default=str))
-    else:
+    elif not args.quiet:
         print(summary(manifest))
     return 0
 

@@ -63,7 +63,8 @@ def settings(**overrides: Any) -> Settings:
     if values["pca_batch_size"] is not None:
         values["pca_batch_size"] = positive_int("pca_batch_size", values["pca_batch_size"])
     values["storage_options"] = dict(values["storage_options"] or {})
-    values["local_cluster"] = dict(values["local_cluster"] or {})
+    # DASK_PIPELINE__LOCAL_CLUSTER__N_WORKERS arrives as `n_workers`: one spelling, the YAML's
+    values["local_cluster"] = {k.replace("_", "-"): v for k, v in (values["local_cluster"] or {}).items()}
     values["gpu"] = parse_gpu(values["gpu"])
     return Settings(**values)
 

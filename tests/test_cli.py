@@ -1,12 +1,16 @@
 """`python -m pipeline run` as a user runs it, in a subprocess."""
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
+import urllib.request
 
 import pytest
 
 CLOSED_PORT = "http://127.0.0.1:9"  # nothing listens there: downloads fail at once, online or not
+ANY_PORT = {"DASK_PIPELINE__LOCAL_CLUSTER__DASHBOARD_ADDRESS": "127.0.0.1:0"}  # tests running at once never collide
 
 
 def pipeline(*args, env=None, timeout=300):
@@ -30,21 +34,79 @@ def test_help_documents_every_option():
 
 
 @pytest.mark.slow
-def test_a_run_prints_the_dashboard_first_and_a_summary_last(sample_copy, tmp_path):
+def test_a_run_shows_the_dashboard_first_a_bar_per_stage_and_a_summary_last(sample_copy, tmp_path):
     report = tmp_path / "report.html"
-    result = pipeline(
-        "run", "--input", str(sample_copy), "--output", str(tmp_path / "out"), "--cluster", "local",
-        "--n-components", "0.9", "--report", str(report), env=offline(tmp_path),
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", "--input", str(sample_copy), "--output", str(tmp_path / "out"),
+         "--cluster", "local", "--n-components", "0.9", "--report", str(report)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **offline(tmp_path), **ANY_PORT},
     )
-    assert result.returncode == 0, result.stderr
-    assert "WARNING: ImageNet weights for mobilenet_v2 could not be downloaded" in result.stderr
-    assert result.stderr.index("dashboard: http://") < result.stderr.index("featurize")
-    summary = result.stdout
-    for line in ("images read    129", "images failed  0", "images/s", "components keep", "WARNING", "dashboard      http://"):
+    stderr = Lines(process.stderr)
+    link = stderr.wait_for("dashboard: ").split(": ", 1)[1].strip()
+    with urllib.request.urlopen(link, timeout=60) as page:  # the dashboard's status page, during the run
+        assert page.status == 200 and "<title>Dask Diagnostic UI</title>" in page.read().decode()
+    with urllib.request.urlopen(link.replace("/status", "/json/counts.json"), timeout=60) as counts:
+        live = json.load(counts)
+        assert live["workers"] >= 1 and live["clients"] >= 1  # the scheduler running the job
+    assert process.poll() is None, "the run ended before the dashboard was fetched"
+    summary = process.stdout.read()
+    assert process.wait(timeout=300) == 0, stderr.text()
+
+    log = stderr.text()
+    assert "WARNING: ImageNet weights for mobilenet_v2 could not be downloaded" in log
+    assert log.index("dashboard: http://") < log.index("featurize")
+    for stage in ("featurize", "pca fit", "write"):  # images done / total and images/s, per stage
+        assert re.search(rf"^{stage} *: 100%\|.*\| 129/129 \[.*img/s\]$", log, re.MULTILINE), log
+    for line in ("images read    129", "images failed  0", "images/s", "components keep", "WARNING", f"dashboard      {link}"):
         assert line in summary
     assert report.read_text().lstrip().lower().startswith("<!doctype html")
+    assert "Task Stream" in report.read_text()  # the Dask performance report, with the run's tasks
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["weights"]["used"] == "random" and "could not be downloaded" in manifest["weights"]["warning"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag", ["--json", "--quiet"])
+def test_scripts_get_warnings_on_stderr_and_with_json_the_manifest_on_stdout(flag, sample_copy, tmp_path):
+    result = pipeline("run", "--input", str(sample_copy), "--output", str(tmp_path / "out"), flag,
+                      env=offline(tmp_path) | ANY_PORT)
+    assert result.returncode == 0, result.stderr
+    assert "WARNING: ImageNet weights for mobilenet_v2 could not be downloaded" in result.stderr
+    for message in ("dashboard", "img/s", "images under", "%|"):  # no messages, no progress bars
+        assert message not in result.stderr
+    if flag == "--json":
+        assert json.loads(result.stdout) == json.loads((tmp_path / "out" / "manifest.json").read_text())
+    else:
+        assert result.stdout == ""
+
+
+class Lines:
+    """A child's stream read line by line in the background (tqdm's carriage returns end lines too)."""
+
+    def __init__(self, stream):
+        self.lines: list[str] = []
+        self.added = threading.Condition()
+        threading.Thread(target=self.read, args=(stream,), daemon=True).start()
+
+    def read(self, stream):
+        for line in stream:
+            with self.added:
+                self.lines.append(line)
+                self.added.notify_all()
+        with self.added:
+            self.lines.append(None)
+            self.added.notify_all()
+
+    def wait_for(self, prefix: str, timeout: float = 120) -> str:
+        """The first line that starts with `prefix`, waiting for it; fails if the stream ends first."""
+        with self.added:
+            found = lambda: next((l for l in self.lines if l is None or l.startswith(prefix)), False)
+            line = self.added.wait_for(found, timeout)
+        assert line, f"no line starting with {prefix!r} in:\n{self.text()}"
+        return line
+
+    def text(self) -> str:
+        return "".join(line for line in self.lines if line)
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,17 @@ def test_environment_overrides_yaml_and_flags_override_environment(monkeypatch):
         dask.config.refresh()
 
 
+def test_environment_overrides_nested_settings_too(monkeypatch):
+    monkeypatch.setenv("DASK_PIPELINE__LOCAL_CLUSTER__DASHBOARD_ADDRESS", "127.0.0.1:0")
+    monkeypatch.setenv("DASK_PIPELINE__LOCAL_CLUSTER__N_WORKERS", "2")
+    dask.config.refresh()
+    try:
+        assert settings().local_cluster == {"dashboard-address": "127.0.0.1:0", "n-workers": 2, "threads-per-worker": None}
+    finally:
+        monkeypatch.undo()
+        dask.config.refresh()
+
+
 @pytest.mark.parametrize("given, expected", [(50, 50), ("50", 50), (0.95, 0.95), ("0.95", 0.95), ("1.0", 1.0), (1, 1)])
 def test_n_components_is_a_count_or_a_fraction_of_variance(given, expected):
     assert parse_n_components(given) == expected

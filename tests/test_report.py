@@ -1,0 +1,147 @@
+"""`python -m pipeline report OUTPUT`: pictures of a finished run, from its output alone, local or on S3."""
+import base64
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+import pipeline
+from pipeline import report
+from pipeline.config import SAMPLE_DIR
+
+PICTURE_SIZES = {  # pixels: the figure's inches × report.DPI
+    "explained-variance.png": (800, 450),
+    "pca-scatter.png": (800, 600),
+    "timings.png": (900, 400),
+    "counts.png": (900, 350),
+}
+
+
+def pipeline_report(*args):
+    return subprocess.run([sys.executable, "-m", "pipeline", "report", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def finished_run(dask_cluster, tmp_path_factory):
+    """The output of a real run on the sample plus one broken image, which lands in the errors table."""
+    images = tmp_path_factory.mktemp("images")
+    shutil.copytree(SAMPLE_DIR / "Training", images / "Training")
+    (images / "Training" / "Apple Red 1" / "broken <1>.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    output = tmp_path_factory.mktemp("run") / "out"
+    settings = pipeline.settings(input=str(images), output=str(output), cluster=dask_cluster, weights="random", n_components=0.9)
+    pipeline.run(settings, progress=False, say=lambda message: None)
+    return output
+
+
+def check_pictures(folder):
+    """Each picture is a valid PNG of its expected size with something drawn on it."""
+    for name, size in PICTURE_SIZES.items():
+        with Image.open(folder / name) as picture:
+            assert (picture.format, picture.size) == ("PNG", size), name
+            picture.verify()
+        with Image.open(folder / name) as picture:
+            assert len(picture.convert("RGB").getcolors(maxcolors=1 << 20)) > 20, f"{name} looks blank"
+
+
+@pytest.mark.slow
+def test_the_report_is_pngs_and_one_self_contained_page_next_to_the_output(finished_run):
+    result = pipeline_report(str(finished_run))
+    assert result.returncode == 0, result.stderr
+    folder = finished_run / "report"
+    assert result.stdout.split("\n")[:-1] == [str(folder / "report.html"), *(str(folder / name) for name in PICTURE_SIZES)]
+    check_pictures(folder)
+
+    page = (folder / "report.html").read_text()
+    sources = re.findall(r'<img src="([^"]*)"', page)
+    assert [base64.b64decode(s.split(",", 1)[1]) for s in sources] == [(folder / n).read_bytes() for n in PICTURE_SIZES]
+    assert all(s.startswith("data:image/png;base64,") for s in sources)
+    assert not re.search(r'(src|href)="(?!data:)', page)  # nothing to fetch: the page works alone
+    assert "130 listed, 129 written, 1 failed" in page and "components keep" in page
+    assert "broken &lt;1&gt;.jpg" in page and "broken <1>" not in page  # paths are escaped, never markup
+
+
+@pytest.mark.slow
+def test_the_page_renders_in_headless_chromium(finished_run, tmp_path):
+    browser = chromium()
+    report.write(report.load(str(finished_run)), str(tmp_path))
+    shot = tmp_path / "screenshot.png"
+    result = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}",
+         "--window-size=1000,2600", f"--screenshot={shot}", (tmp_path / "report.html").as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0 and shot.exists(), result.stderr
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    assert pixels.shape[:2] == (2600, 1000)
+    assert (pixels < 200).any(axis=2).mean() > 0.02  # text and drawings, not a blank page
+    colourful = (pixels.max(axis=2) - pixels.min(axis=2) > 80).sum()
+    assert colourful > 2000  # only the embedded pictures are in colour: the browser decoded them
+
+
+@pytest.mark.slow
+def test_an_s3_output_gets_its_report_on_s3_or_in_a_local_folder(finished_run, s3, s3_endpoint, tmp_path):
+    s3.put(str(finished_run) + "/", "fruits/out/", recursive=True)
+    s3.rm("fruits/out/report", recursive=True)  # the local run's report: this one must come from S3
+
+    result = pipeline_report("s3://fruits/out", "--endpoint-url", s3_endpoint)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[0] == "s3://fruits/out/report/report.html"
+    s3.get("fruits/out/report/", str(tmp_path / "from-s3") + "/", recursive=True)
+    check_pictures(tmp_path / "from-s3")
+
+    result = pipeline_report("s3://fruits/out", "--endpoint-url", s3_endpoint, "--to", str(tmp_path / "local"))
+    assert result.returncode == 0, result.stderr
+    check_pictures(tmp_path / "local")
+    assert (tmp_path / "local" / "report.html").read_text().count("data:image/png;base64,") == 4
+
+
+def test_a_folder_without_a_finished_run_is_a_one_line_usage_error(tmp_path):
+    result = pipeline_report(str(tmp_path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"error: no manifest.json in {tmp_path}: give the --output of a finished `pipeline run`"
+
+
+def test_the_variance_curve_marks_the_chosen_k():
+    figure = report.variance_figure(np.array([0.5, 0.3, 0.1, 0.06, 0.04]), 3)
+    ax = figure.axes[0]
+    marks = [line for line in ax.lines if list(line.get_xdata()) == [3]]
+    assert [list(line.get_ydata()) for line in marks] == [[pytest.approx(0.9)]]
+    assert "k = 3 components keep 90.0%" in [text.get_text() for text in ax.texts]
+
+
+def test_the_scatter_names_each_label_and_draws_one_component_as_a_strip():
+    labels = ["Apple Red 1", "Apple Golden 1", "Apple Red 1"]
+    figure = report.scatter_figure(np.array([[0.0], [1.0], [2.0]]), labels)
+    ax = figure.axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["Apple Golden 1", "Apple Red 1"]
+    assert ax.get_ylabel() == "(one component kept)" and ax.get_title() == "3 images, 2 labels"
+
+
+def test_counts_show_failures_by_stage_and_error():
+    errors = pd.DataFrame({"path": ["a.jpg", "b.jpg", "c.jpg"], "stage": ["decode", "decode", "read"],
+                           "error": ["UnidentifiedImageError"] * 2 + ["FileNotFoundError"], "message": [""] * 3})
+    figure = report.counts_figure({"listed": 10, "written": 7, "failed": 3, "skipped_non_images": 0}, errors)
+    kinds = [label.get_text() for label in figure.axes[1].get_yticklabels()]
+    assert kinds == ["decode: UnidentifiedImageError", "read: FileNotFoundError"]
+
+
+def test_nearest_neighbours_in_pca_space_leave_out_the_image_itself():
+    points = np.array([[0.0, 0.0], [5.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
+    order, distances = report.nearest(points, 0, 2)
+    assert order.tolist() == [2, 3] and distances.tolist() == [1.0, 2.0]
+
+
+def chromium() -> str:
+    """Headless Chromium (Debian's `chromium`); CI installs it (.ci/run), elsewhere the test says how."""
+    found = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+    if found:
+        return found
+    if os.environ.get("CI"):
+        pytest.fail("headless Chromium is missing: .ci/run installs Debian's `chromium` with apt-get")
+    pytest.skip("needs headless Chromium: apt-get install chromium (CI installs it, see .ci/run)")
