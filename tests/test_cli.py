@@ -121,6 +121,7 @@ class Lines:
         (["--output", "{file}/out"], "cannot write to output"),
         (["--cluster", "yarn"], "unknown cluster 'yarn'"),
         (["--batch-size", "-4"], "batch-size"),
+        (["--report", "{file}/run.html"], "cannot write the report"),
         (["--input", "s3://fruits/x", "--endpoint-url", CLOSED_PORT], "cannot list input s3://fruits/x"),
         (["--output", "s3://fruits/out", "--endpoint-url", CLOSED_PORT], "cannot write to output s3://fruits/out"),
     ],
