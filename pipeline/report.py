@@ -15,6 +15,7 @@ import io
 import json
 from datetime import datetime
 
+import dask.config
 import matplotlib
 import numpy as np
 import pandas as pd
@@ -212,10 +213,11 @@ def image_grid_figure(rows: list[list[np.ndarray]], names: list[str], captions: 
 def thumbnails(fs, root: str, paths, size: int = 100) -> list[np.ndarray]:
     """The images at `paths` (relative to `root`), decoded to RGB no larger than size × size."""
     blobs = source.read_many(fs, [f"{root}/{path}" for path in paths])
-    for path, blob in zip(paths, blobs):
+    for blob in blobs:
         if isinstance(blob, BaseException):
             raise blob
-    return [images.decode(blob, size) for blob in blobs]
+    max_pixels = dask.config.get("pipeline.max-image-pixels")
+    return [images.decode(blob, size, max_pixels) for blob in blobs]
 
 
 def nearest(points: np.ndarray, index: int, n: int) -> tuple[np.ndarray, np.ndarray]:

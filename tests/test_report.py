@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import pipeline
-from pipeline import report
+from pipeline import report, source
 from pipeline.config import SAMPLE_DIR
 
 PICTURE_SIZES = {  # pixels: the figure's inches × report.DPI
@@ -145,3 +145,11 @@ def chromium() -> str:
     if os.environ.get("CI"):
         pytest.fail("headless Chromium is missing: .ci/run installs Debian's `chromium` with apt-get")
     pytest.skip("needs headless Chromium: apt-get install chromium (CI installs it, see .ci/run)")
+
+
+def test_thumbnails_are_the_images_decoded_as_the_pipeline_decodes_them():
+    fs, root = source.open_url(str(SAMPLE_DIR), {})
+    [thumbnail] = report.thumbnails(fs, root, ["Training/Apple Braeburn/39_100.jpg"], size=50)
+    assert thumbnail.shape == (50, 50, 3) and thumbnail.dtype == np.uint8
+    with pytest.raises(FileNotFoundError):
+        report.thumbnails(fs, root, ["Training/no such image.jpg"])
