@@ -265,9 +265,10 @@ def progress_bar(stage: str, images: int, show: bool) -> tqdm:
 def check_report_writable(url: str, storage_options: dict) -> None:
     """Fail before any work if the performance report could not be saved at the end."""
     fs, path = source.open_url(url, storage_options)
+    probe = f"{path}.write-test"  # beside it: an earlier report stays until this one replaces it
     try:
-        fs.pipe_file(path, b"")
-        fs.rm_file(path)
+        fs.pipe_file(probe, b"")
+        fs.rm_file(probe)
     except Exception as error:  # each storage backend fails its own way
         raise UsageError(f"cannot write the report {url}: {type(error).__name__}: {error}; choose a file in an existing folder") from None
 

@@ -142,3 +142,12 @@ def test_strict_imagenet_fails_before_reading_any_image_and_says_how_to_go_offli
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--weights PATH" in result.stderr and "mobilenet_v2_weights" in result.stderr
     assert not (tmp_path / "out" / "images.parquet").exists()
+
+
+def test_checking_that_the_report_can_be_written_leaves_an_earlier_report_alone(tmp_path):
+    from pipeline import job
+
+    (tmp_path / "run.html").write_text("the earlier run's report")
+    job.check_report_writable(str(tmp_path / "run.html"), {})
+    assert [p.name for p in tmp_path.iterdir()] == ["run.html"]
+    assert (tmp_path / "run.html").read_text() == "the earlier run's report"
