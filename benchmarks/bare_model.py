@@ -1,0 +1,61 @@
+"""The floor: the pipeline's model on images already decoded in memory, nothing else.
+
+Decodes the images exactly as the workers do (pipeline.images.decode), builds the pipeline's
+Featurizer (same CNN, input size, batch, weights and TensorFlow threads), runs one warm-up batch,
+then times featurizing every image. Prints a JSON line on stdout.
+
+    .venv/bin/python benchmarks/bare_model.py IMAGES_FOLDER [--limit N]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def image_paths(folder: pathlib.Path, limit: int | None) -> list[pathlib.Path]:
+    """The .jpg files under `folder`, sorted by path, the first `limit`."""
+    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in (".jpg", ".jpeg"))
+    return paths[:limit]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("images", type=pathlib.Path, help="folder of images (read recursively, *.jpg)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N images (sorted by path)")
+    parser.add_argument("--model", default="mobilenet_v2")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    from pipeline import featurize, images
+
+    timings = {}
+    started = time.perf_counter()
+    arrays = [images.decode(path.read_bytes(), args.image_size) for path in image_paths(args.images, args.limit)]
+    timings["read + decode"] = time.perf_counter() - started
+    if not arrays:
+        sys.exit(f"error: no .jpg images under {args.images}")
+
+    started = time.perf_counter()
+    featurize.configure_tensorflow()
+    model = featurize.Featurizer(featurize.ModelKey(args.model, args.image_size, "random", args.seed), {})
+    model(arrays[: args.batch_size], args.batch_size)  # builds the graph once, as a worker's first batch does
+    timings["model build + first batch"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    features, _ = model(arrays, args.batch_size)
+    seconds = time.perf_counter() - started
+    print(json.dumps({"images": len(arrays), "seconds": seconds, "timings_s": timings,
+                      "features_finite": bool(features.size and (features == features).all())}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""A larger image set made from the shared Fruits-360 apples: flips, rotations and crops of each photo.
+
+Image i of the new set is photo i mod n of the source, changed by variant i // n (variant 0 is the
+photo as it is, the others flip, rotate by a multiple of 90° and crop 70–95% of it at a seeded
+place, then bring it back to the photo's size). The set is the same on every machine and keeps
+the source's layout (Training/<label>/<name>.jpg), so labels and splits come out the same.
+
+    .venv/bin/python benchmarks/make_images.py /tmp/apples-20000 --count 20000
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+import numpy as np
+from PIL import Image, ImageOps
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "fruits-360-apples"
+ROTATIONS = (None, Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270)
+
+
+def source_images(folder: pathlib.Path) -> list[pathlib.Path]:
+    """The .jpg photos under `folder`, sorted by path so that every machine makes the same set."""
+    found = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in (".jpg", ".jpeg"))
+    if not found:
+        sys.exit(f"error: no .jpg images under {folder} (give --source PATH)")
+    return found
+
+
+def variant(image: Image.Image, number: int, seed: int) -> Image.Image:
+    """Variant `number` of a photo: 0 is the photo; others mirror, rotate and crop it (seeded)."""
+    if number == 0:
+        return image
+    rng = np.random.default_rng([seed, number])
+    if number % 2:
+        image = ImageOps.mirror(image)
+    rotation = ROTATIONS[(number // 2) % 4]
+    if rotation is not None:
+        image = image.transpose(rotation)
+    width, height = image.size
+    side = rng.uniform(0.70, 0.95)
+    crop_w, crop_h = max(1, round(width * side)), max(1, round(height * side))
+    left, top = int(rng.integers(0, width - crop_w + 1)), int(rng.integers(0, height - crop_h + 1))
+    return image.crop((left, top, left + crop_w, top + crop_h)).resize((width, height), Image.Resampling.BILINEAR)
+
+
+def make_images(source: pathlib.Path, target: pathlib.Path, count: int) -> int:
+    """Write `count` images under `target` (made from the photos under `source`); returns bytes written."""
+    photos = source_images(source)
+    written = 0
+    for index in range(count):
+        photo = photos[index % len(photos)]
+        number = index // len(photos)
+        relative = photo.relative_to(source)
+        path = target / relative.parent / (f"{relative.stem}_v{number}.jpg" if number else relative.name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(photo) as image:
+            variant(image.convert("RGB"), number, seed=index % len(photos)).save(path, quality=95)
+        written += path.stat().st_size
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("target", type=pathlib.Path, help="folder to write the images into (created)")
+    parser.add_argument("--count", type=int, default=20_000, help="images to make (default 20000)")
+    parser.add_argument("--source", type=pathlib.Path, default=DEFAULT_SOURCE,
+                        help=f"folder of photos to start from (default {DEFAULT_SOURCE})")
+    args = parser.parse_args(argv)
+    if args.target.exists() and any(args.target.iterdir()):
+        sys.exit(f"error: {args.target} is not empty: give a new folder")
+    written = make_images(args.source.resolve(), args.target, args.count)
+    print(f"{args.count} images, {written / 2**20:.1f} MiB, under {args.target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
