@@ -407,6 +407,7 @@ def print_breakdown(run: dict, moto_cpu: float | None) -> None:
     print("  stages (wall s)   " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items())
           + f"; start-up and shut-down {run['seconds'] - inside:.1f}")
     print("  worker seconds    " + ", ".join(f"{k} {v:.1f}" for k, v in workers.items()) + " (summed over tasks)")
+    print(f"  model ran on      {', '.join(manifest.get('model', {}).get('devices', [])) or '?'}")
     cpu = run["memory"]["cpu"]
     print(f"  CPU seconds       {cpu:.1f} by the pipeline's processes"
           + (f", {moto_cpu:.1f} by the moto S3 server (same cores)" if moto_cpu is not None else ""))

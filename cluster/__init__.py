@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import contextlib
+import glob
+import itertools
 import os
 from typing import Callable, Iterator
 
@@ -43,7 +45,8 @@ def connect(address: str, local: dict, say: Callable[[str], None] = lambda messa
         return
     n_workers, threads = local_size(spec.n_workers, spec.threads_per_worker)
     with LocalCluster(
-        n_workers=n_workers, threads_per_worker=threads, processes=True, dashboard_address=spec.dashboard_address
+        n_workers=n_workers, threads_per_worker=threads, processes=True, dashboard_address=spec.dashboard_address,
+        resources={"GPU": 1} if local_gpus() else None,  # worker i drives GPU i (featurize.configure_tensorflow)
     ) as cluster, Client(cluster) as client:
         yield client
 
@@ -64,15 +67,25 @@ def on_this_machine(address: str) -> bool:
     return address == "local" or specs.is_cluster_file(address) and isinstance(specs.load(address), specs.Local)
 
 
-def local_size(n_workers: int | None, threads_per_worker: int | None) -> tuple[int, int]:
-    """Worker processes and threads for this machine: one process per 4 cores, the cores shared out.
+def local_size(n_workers: int | None, threads_per_worker: int | None, gpus: int | None = None) -> tuple[int, int]:
+    """Worker processes and threads for this machine: one process per 4 cores, or one per GPU.
 
     Each process holds one copy of the model and runs one inference at a time on all its threads;
-    its other threads read and decode the next partition meanwhile.
+    its other threads read and decode the next partition meanwhile. With GPUs, each process
+    drives its own GPU and its threads decode for it.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    n_workers = n_workers or max(1, cores // 4)
+    gpus = local_gpus() if gpus is None else gpus
+    n_workers = n_workers or gpus or max(1, cores // 4)
     return n_workers, threads_per_worker or max(1, cores // n_workers)
+
+
+def local_gpus() -> int:
+    """NVIDIA GPUs this machine's processes may use, found without starting TensorFlow."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:  # "" or "-1": none; "0,2": those two
+        return len(list(itertools.takewhile(lambda d: d.strip() not in ("", "-1"), visible.split(","))))
+    return len(glob.glob("/proc/driver/nvidia/gpus/*"))
 
 
 def featurize_resources(client: Client, gpu: str | bool) -> dict | None:

@@ -5,6 +5,7 @@ TensorFlow is imported inside functions: the client lists, validates and reports
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import os
 import tempfile
@@ -142,17 +143,31 @@ _inference_lock = threading.Lock()  # one inference thread per process: the othe
 
 
 class Featurizer:
-    """A model that maps uint8 images of any size to float32 features, in fixed-size batches."""
+    """A model that maps uint8 images of any size to float32 features, in fixed-size batches.
 
-    def __init__(self, key: ModelKey, storage_options: dict):
+    On a GPU it computes in float16 with float32 weights (Keras mixed precision): features stay
+    within 1e-2 of float32's (tests/test_featurize.py) for several times the speed. On a CPU, where
+    float16 is slower, it computes in float32. `mixed_precision` forces either.
+    """
+
+    def __init__(self, key: ModelKey, storage_options: dict, mixed_precision: bool | None = None):
         import keras
         import tensorflow as tf
 
         spec = MODELS[key.model]
         size = key.image_size
-        model = getattr(keras.applications, spec.application)(
-            include_top=False, weights=None, pooling="avg", input_shape=(size, size, 3)
-        )
+        on_gpu = bool(tf.config.list_logical_devices("GPU"))
+        mixed_precision = on_gpu if mixed_precision is None else mixed_precision
+        self.precision = "mixed_float16" if mixed_precision else "float32"
+        self.device = f"{'GPU' if on_gpu else 'CPU'}, {self.precision}"  # for the manifest
+        policy = keras.config.dtype_policy()
+        keras.config.set_dtype_policy(self.precision)  # read by each layer as it is built
+        try:
+            model = getattr(keras.applications, spec.application)(
+                include_top=False, weights=None, pooling="avg", input_shape=(size, size, 3)
+            )
+        finally:
+            keras.config.set_dtype_policy(policy)
         if key.weights == "random":
             randomize(model, key.seed)
         elif key.weights == "imagenet":
@@ -166,7 +181,7 @@ class Featurizer:
         @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
         def embed(batch):
             pixels = tf.image.resize(tf.cast(batch, tf.float32), (size, size))
-            return model(preprocess(pixels), training=False)
+            return tf.cast(model(preprocess(pixels), training=False), tf.float32)
 
         self.model = model
         self.embed = embed
@@ -200,23 +215,36 @@ def featurizer(key: ModelKey, storage_options: dict) -> Featurizer:
         if key not in _featurizers:
             configure_tensorflow()
             _featurizers[key] = Featurizer(key, storage_options)
+            # TensorFlow and the model are some 400,000 Python objects that live as long as the
+            # process: out of the garbage collector's sight, the process exits in a fraction of a
+            # second instead of the seconds its last collections take (LocalCluster waits for it).
+            gc.freeze()
         return _featurizers[key]
 
 
 def configure_tensorflow() -> None:
-    """Give TensorFlow this worker's threads, and let a GPU's memory grow instead of grabbing it all."""
+    """Give TensorFlow this worker's threads and its own GPU, whose memory grows instead of being grabbed.
+
+    Call before TensorFlow's first operation. On a machine with several GPUs, local worker i (the
+    LocalCluster names its workers 0, 1, ...) uses GPU i mod the number of GPUs.
+    """
     import tensorflow as tf
 
     try:
         from distributed import get_worker
 
-        threads = get_worker().state.nthreads
+        worker = get_worker()
+        threads, name = worker.state.nthreads, worker.name
     except ValueError:  # not inside a Dask worker
-        threads = os.cpu_count() or 1
+        threads, name = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, None
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(min(threads, 2))
-        for gpu in tf.config.list_physical_devices("GPU"):
+        gpus = tf.config.list_physical_devices("GPU")
+        if len(gpus) > 1 and isinstance(name, int):
+            gpus = [gpus[name % len(gpus)]]
+            tf.config.set_visible_devices(gpus, "GPU")
+        for gpu in gpus:
             tf.config.experimental.set_memory_growth(gpu, True)
     except RuntimeError:  # TensorFlow already started in this process: keep its settings
         pass
@@ -261,4 +289,4 @@ def featurize_partition(
     features, seconds["model"] = model(arrays, batch_size)
 
     good = rows[rows["path"].isin(kept)]
-    return sink.stage_partition(output_fs, staged_path, good, features, errors, seconds)
+    return sink.stage_partition(output_fs, staged_path, good, features, errors, seconds) | {"device": model.device}

@@ -115,7 +115,8 @@ def run(
         "finished": datetime.now(timezone.utc).isoformat(),
         "settings": public_settings(s),
         "versions": versions(),
-        "model": {"name": s.model, "n_features": spec.n_features, "image_size": s.image_size},
+        "model": {"name": s.model, "n_features": spec.n_features, "image_size": s.image_size,
+                  "devices": sorted({part["device"] for part in staged if "device" in part})},
         "weights": {"requested": s.weights, "used": weights.used, "warning": weights.warning},
         "counts": {
             "listed": len(listing.rows),

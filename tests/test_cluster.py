@@ -23,10 +23,20 @@ def pipeline_cli(*args):
 
 def test_a_local_cluster_shares_the_cores_among_its_processes():
     cores = len(os.sched_getaffinity(0))
-    n_workers, threads = cluster.local_size(None, None)
+    n_workers, threads = cluster.local_size(None, None, gpus=0)
     assert n_workers == max(1, cores // 4) and n_workers * threads <= max(cores, n_workers)
     assert cluster.local_size(2, None) == (2, max(1, cores // 2))
     assert cluster.local_size(3, 5) == (3, 5)
+
+
+def test_a_local_cluster_runs_one_process_per_gpu(monkeypatch):
+    cores = len(os.sched_getaffinity(0))
+    assert cluster.local_size(None, None, gpus=2) == (2, max(1, cores // 2))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,2")
+    assert cluster.local_gpus() == 2
+    for none in ("", "-1", "-1,0"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", none)
+        assert cluster.local_gpus() == 0
 
 
 @pytest.mark.parametrize("address", ["local", "tcp://10.0.0.5:8786", "tls://scheduler:8786"])

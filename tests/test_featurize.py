@@ -44,6 +44,17 @@ def test_batching_and_padding_do_not_change_features(random_model, photos):
     np.testing.assert_allclose(one_by_one, padded, rtol=1e-4, atol=1e-5)
 
 
+def test_mixed_precision_keeps_features_within_1e_2_of_float32(random_model, photos):
+    assert random_model.precision == "float32"  # no GPU here: float32 by default
+    mixed = featurize.Featurizer(RANDOM, {}, mixed_precision=True)
+    assert mixed.precision == "mixed_float16" and mixed.model.layers[-1].compute_dtype == "float16"
+    full, _ = random_model(photos, batch_size=4)
+    half, _ = mixed(photos, batch_size=4)
+    assert half.dtype == np.float32
+    error = np.linalg.norm(half - full, axis=1) / np.linalg.norm(full, axis=1)
+    assert 0 < error.max() <= 1e-2
+
+
 def test_weights_load_from_a_file_or_a_bucket(random_model, photos, tmp_path, s3, s3_endpoint):
     path = tmp_path / "apples.weights.h5"
     random_model.model.save_weights(path)
