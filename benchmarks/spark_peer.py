@@ -40,8 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-components", type=float, default=0.95, help="fraction of variance kept (default 0.95)")
-    parser.add_argument("--tasks-per-core", type=int, default=2,
-                        help="featurizing tasks per core: the model is built once per task (default 2)")
+    parser.add_argument("--tasks-per-core", type=int, default=1,
+                        help="featurizing tasks per core: the model is built once per task (default 1)")
     parser.add_argument("--driver-memory", default="4g")
     return parser.parse_args(argv)
 
