@@ -234,7 +234,7 @@ def pipeline_command(endpoint: str, prefix: str, output: str, model: str, report
     """The command line a user would type, with this interpreter, at the default settings."""
     command = [
         sys.executable, "-m", "pipeline", "run", "--input", prefix, "--output", output,
-        "--cluster", "local", "--model", model, "--weights", "random", "--n-components", "0.95", "--json",
+        "--cluster", "local", "--model", model, "--weights", "random", "--n-components", "0.95", "--json", "--overwrite",
     ]
     if endpoint:
         command += ["--endpoint-url", endpoint]
