@@ -34,11 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from pipeline import featurize, images
+    from pipeline import featurize, images, settings
 
     timings = {}
     started = time.perf_counter()
-    arrays = [images.decode(path.read_bytes(), args.image_size) for path in image_paths(args.images, args.limit)]
+    max_pixels = settings().max_image_pixels
+    arrays = [images.decode(path.read_bytes(), args.image_size, max_pixels) for path in image_paths(args.images, args.limit)]
     timings["read + decode"] = time.perf_counter() - started
     if not arrays:
         sys.exit(f"error: no .jpg images under {args.images}")

@@ -503,7 +503,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bare model on {n} images", flush=True)
     runs["bare"] = run_watched([sys.executable, str(REPO / "benchmarks" / "bare_model.py"), str(folder), "--model", args.model])
     runs["bare"]["result"] = last_json(runs["bare"]["stdout"])
-    show_stderr("  bare model", runs["bare"]["stderr"]) if runs["bare"]["rc"] else None
+    if runs["bare"]["rc"]:
+        show_stderr("  bare model", runs["bare"]["stderr"])
+        checks.append(("bare model exit code", str(runs["bare"]["rc"]), False))
     if not spark_available:
         print("PySpark peer left out (--no-spark)")
     else:
