@@ -17,7 +17,6 @@ this machine cannot download them). Prints a JSON line of timings and counts on 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import pathlib
@@ -44,15 +43,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="featurizing tasks per core: the model is built once per task (default 1)")
     parser.add_argument("--driver-memory", default="4g")
     return parser.parse_args(argv)
-
-
-@contextlib.contextmanager
-def stopwatch(timings: dict, name: str):
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[name] = time.perf_counter() - started
 
 
 def start_spark(cores: int, driver_memory: str):
@@ -147,6 +137,7 @@ def run(args: argparse.Namespace) -> dict:
     """The whole job; returns timings (seconds per step) and counts."""
     sys.path.insert(0, str(REPO))
     from pipeline.featurize import MODELS
+    from pipeline.job import stopwatch
 
     spec = MODELS[args.model]
     timings: dict[str, float] = {}
