@@ -29,6 +29,7 @@ class FaultyS3:
         self.faults: dict[tuple[str, str], collections.deque] = {}
         self.always: dict[tuple[str, str], object] = {}
         self.before_first_read: list = []  # callables run once, before the first object GET is served
+        self.holds: dict[tuple[str, str], threading.Event] = {}
         self.requests: collections.Counter = collections.Counter()  # (method, key) → requests seen
         self.lock = threading.Lock()
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -44,7 +45,14 @@ class FaultyS3:
         """Every request `method /bucket/key` gets this fault."""
         self.always[(method, key)] = fault
 
+    def hold(self, method: str, key: str) -> threading.Event:
+        """Requests `method /bucket/key` wait until the returned event is set: a run that cannot finish."""
+        self.holds[(method, key)] = threading.Event()
+        return self.holds[(method, key)]
+
     def close(self) -> None:
+        for event in self.holds.values():
+            event.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -81,6 +89,8 @@ class FaultyS3:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 key = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path.lstrip("/"))
                 fault = proxy._next_fault(self.command, key)
+                if (self.command, key) in proxy.holds:
+                    proxy.holds[(self.command, key)].wait(timeout=300)
                 if fault == "reset":
                     # SO_LINGER 0: closing sends a TCP reset, as a dropped connection does
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

@@ -172,12 +172,11 @@ def assert_same_output(out, reference):
     np.testing.assert_allclose(np.abs(pca["components"]), np.abs(expected_pca["components"]), atol=1e-4)
 
 
-def start_cli(out, *args) -> subprocess.Popen:
-    """`python -m pipeline run` in its own process group, as a terminal runs it."""
+def cli(input, out, *args) -> list[str]:
+    """The command line of `python -m pipeline run` with the small partitions of these tests."""
     options = [f"--{name.replace('_', '-')}={value}" for name, value in SMALL_PARTITIONS.items()]
-    command = [sys.executable, "-m", "pipeline", "run", "--input", str(SAMPLE_DIR), "--output", str(out),
-               "--weights", "random", "--quiet", *options, *args]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return [sys.executable, "-m", "pipeline", "run", "--input", input, "--output", str(out),
+            "--weights", "random", "--quiet", *options, *args]
 
 
 def wait_for_staged_partitions(out, at_least: int, running, timeout: float = 240) -> int:
@@ -194,21 +193,27 @@ def wait_for_staged_partitions(out, at_least: int, running, timeout: float = 240
 
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "killed"])
-def test_an_interrupted_run_shows_no_output_and_resumes_to_the_same_result(stop, tmp_path, reference):
-    out = tmp_path / "out"
-    interrupted = start_cli(out)
-    wait_for_staged_partitions(out, 3, lambda: interrupted.poll() is None)
-    os.killpg(interrupted.pid, stop)
-    _, stderr = interrupted.communicate(timeout=120)
+def test_an_interrupted_run_shows_no_output_and_resumes_to_the_same_result(stop, faulty_s3, tmp_path, reference):
+    out, photos = tmp_path / "out", sorted(reference[0].path)
+    held = faulty_s3.hold("GET", f"fruits/fruits-360/{photos[8 * 4]}")  # partition 8 cannot finish: the run is stopped mid-way
+    input = ["s3://fruits/fruits-360", out, "--endpoint-url", faulty_s3.endpoint]
+    # in its own process group, as a terminal runs it: Ctrl-C signals the whole group
+    interrupted = subprocess.Popen(cli(*input), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for_staged_partitions(out, 3, lambda: interrupted.poll() is None)
+        os.killpg(interrupted.pid, stop)
+        _, stderr = interrupted.communicate(timeout=120)
+    finally:
+        held.set()
     if stop == signal.SIGINT:
         assert interrupted.returncode == 130 and "--resume" in stderr.splitlines()[-1]
     staged = len(list((out / "_staging" / "features").glob("part-*.parquet")))
     assert 3 <= staged < 33
     assert sorted(p.name for p in out.iterdir()) == ["_staging"]  # nothing that looks like an output
 
-    refused = subprocess.run(start_cli(out).args, capture_output=True, text=True)
+    refused = subprocess.run(cli(*input), capture_output=True, text=True)
     assert refused.returncode == 2 and "already holds an interrupted run" in refused.stderr
-    resumed = subprocess.run([*start_cli(out).args, "--resume", "--json"], capture_output=True, text=True)
+    resumed = subprocess.run(cli(*input, "--resume", "--json"), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["counts"]["partitions_resumed"] == staged
     assert_same_output(out, reference)
