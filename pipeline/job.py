@@ -147,7 +147,7 @@ def existing_output(fs, out: str, url: str, resume: bool, overwrite: bool) -> st
         return "resume"
     if resume and complete:
         return "complete"
-    if not overwrite and (interrupted or any(sink.exists(fs, out, name) for name in (sink.MANIFEST, *sink.FINAL))):
+    if not overwrite and (interrupted or complete or any(sink.exists(fs, out, name) for name in sink.FINAL)):
         held = "an interrupted run" if interrupted else "the output of an earlier run"
         raise UsageError(
             f"{url} already holds {held}: pass --resume to finish it, --overwrite to replace it, "
