@@ -281,8 +281,8 @@ def check_table(output: dict, images: list[str], n_features: int) -> list[tuple[
     paths = table["path"].to_pylist() if "path" in table.column_names else []
     labels = table["label"].to_pylist() if "label" in table.column_names else []
     splits = set(table["split"].to_pylist()) if "split" in table.column_names else set()
-    columns = ["path", "label", "split", "features", "pca"]
-    k = output["pca"]["components"].shape[0]
+    columns = ["path", "label", "split", "identity", "features", "pca"]
+    k = int(output["pca"]["n_components"])
     checks = [
         ("columns", ", ".join(table.column_names), table.column_names == columns),
         ("rows", f"{table.num_rows} (expected {len(images)})", table.num_rows == len(images)),
@@ -315,9 +315,9 @@ def check_pca(output: dict, n_features: int) -> list[tuple[str, str, bool]]:
 
     table, saved = output["images"], output["pca"]
     features = matrix(table["features"], n_features).astype(np.float64)
-    components, mean = saved["components"].astype(np.float64), saved["mean"].astype(np.float64)
+    k = int(saved["n_components"])
+    components, mean = saved["components"][:k].astype(np.float64), saved["mean"].astype(np.float64)
     ratio = saved["explained_variance_ratio"]
-    k = components.shape[0]
     exact = PCA(n_components=k, svd_solver="full").fit(features)
     ratio_diff = float(np.max(np.abs(ratio[:k] - exact.explained_variance_ratio_) / exact.explained_variance_ratio_))
     top = min(10, k)
@@ -370,7 +370,7 @@ def check_spark(run: dict, folder: pathlib.Path, output: dict, n_features: int) 
     if same_paths:
         a, b = matrix(peer["features"], n_features), matrix(ours["features"], n_features)
         difference = float(np.abs(a - b).max() / np.abs(b).max())
-    k = output["pca"]["components"].shape[0]
+    k = int(output["pca"]["n_components"])
     return [
         ("PySpark peer rows and paths", f"{peer.num_rows}, {'same paths' if same_paths else 'other paths'}", same_paths),
         ("PySpark features = pipeline features", f"max diff / max |value| {difference:.1e}", difference < 1e-3),

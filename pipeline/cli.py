@@ -9,7 +9,7 @@ import sys
 
 import dask.config
 
-from . import config, job
+from . import config, incremental, job
 from .featurize import MODELS
 
 
@@ -41,11 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         "errors.parquet, pca.npz and manifest.json beside it. Defaults come from pipeline/pipeline.yaml; "
         "DASK_PIPELINE__<KEY> variables override them, and these flags override both.",
     )
-    run.add_argument("--input", help=f"fsspec URL or folder of images; 'sample' = the shipped sample (default {default('input')})")
-    run.add_argument("--output", help=f"folder or fsspec URL for the results (default {default('output')})")
-    run.add_argument("--cluster", help=f"'local', a scheduler address tcp://host:8786, or a cluster file such as cluster/ec2-gpu.yaml (default {default('cluster')})")
-    run.add_argument("--gpu", choices=["auto", "true", "false"], help="featurize on the workers declaring a GPU resource: "
-                     f"auto (when any does), true (only there) or false (anywhere) (default {default('gpu')})")
+    where(run, input_help=f"fsspec URL or folder of images; 'sample' = the shipped sample (default {default('input')})")
     run.add_argument("--model", choices=sorted(MODELS), help=f"CNN without its top (default {default('model')})")
     run.add_argument(
         "--weights",
@@ -58,14 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--images-per-partition", help=f"images per Dask task (default {default('images-per-partition')})")
     run.add_argument("--pca-batch-size", help=f"rows per IncrementalPCA step; default 5 × features ({default('pca-batch-size')})")
     run.add_argument("--seed", help=f"seed of random weights (default {default('seed')})")
-    run.add_argument("--endpoint-url", help="S3 endpoint for input and output (MinIO, a local S3 server, another region)")
-    run.add_argument("--anon", action="store_true", help="read a public bucket without credentials")
     again = run.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="finish an interrupted run into the same --output, featurizing only what it had not")
     again.add_argument("--overwrite", action="store_true", help="replace what --output holds (the old output stays until the new one is complete)")
-    run.add_argument("--report", metavar="FILE.html", help="save a Dask performance report of the run")
-    run.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors: no progress, no summary")
-    run.add_argument("--json", action="store_true", help="print the manifest as JSON on stdout instead of the summary")
+    incremental = commands.add_parser(
+        "update",
+        help="bring a finished --output up to date with its input: featurize only new or replaced images, drop deleted ones",
+        description="List the input again and compare it with --output by path and identity (ETag, or size and mtime). "
+        "New and replaced images are featurized, deleted ones dropped, the PCA goes on fitting with the new features "
+        "only (partial_fit), and every row is projected again with it. The model, weights and PCA settings are the "
+        "output's own (see its manifest.json); its history lists every update. Run it again to finish an interrupted update.",
+    )
+    where(incremental, input_help="fsspec URL or folder of images (default: the input the output was made from)")
     clusters = commands.add_parser("cluster", help="cluster files: plan what one would start, clean up what a killed run left")
     actions = clusters.add_subparsers(dest="action", required=True, parser_class=Parser)
     plan = actions.add_parser("plan", help="print the instances, their cost per hour and the settings of a cluster file; launches nothing")
@@ -88,6 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def where(command: argparse.ArgumentParser, input_help: str) -> None:
+    """The flags `run` and `update` share: where the images are and go, where to compute, what to print."""
+    command.add_argument("--input", help=input_help)
+    command.add_argument("--output", help=f"folder or fsspec URL for the results (default {default('output')})")
+    command.add_argument("--cluster", help=f"'local', a scheduler address tcp://host:8786, or a cluster file such as cluster/ec2-gpu.yaml (default {default('cluster')})")
+    command.add_argument("--gpu", choices=["auto", "true", "false"], help="featurize on the workers declaring a GPU resource: "
+                         f"auto (when any does), true (only there) or false (anywhere) (default {default('gpu')})")
+    command.add_argument("--endpoint-url", help="S3 endpoint for input and output (MinIO, a local S3 server, another region)")
+    command.add_argument("--anon", action="store_true", help="read a public bucket without credentials")
+    command.add_argument("--report", metavar="FILE.html", help="save a Dask performance report of the run")
+    command.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors: no progress, no summary")
+    command.add_argument("--json", action="store_true", help="print the manifest as JSON on stdout instead of the summary")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
@@ -102,20 +116,23 @@ def main(argv: list[str] | None = None) -> int:
         return write_report(args.output, args.to, storage)
     quiet = args.quiet or args.json
     say = (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr, flush=True))
+    common = dict(output=args.output, cluster=args.cluster, report=args.report, gpu=args.gpu, storage_options=storage)
     try:
-        settings = config.settings(
-            input=args.input, output=args.output, cluster=args.cluster, model=args.model,
-            weights=args.weights, n_components=args.n_components, image_size=args.image_size,
-            batch_size=args.batch_size, images_per_partition=args.images_per_partition,
-            pca_batch_size=args.pca_batch_size, seed=args.seed, report=args.report, gpu=args.gpu,
-            storage_options=storage,
-        )
         with contextlib.redirect_stdout(sys.stderr):  # stdout holds the summary or the JSON alone
-            manifest = job.run(settings, resume=args.resume, overwrite=args.overwrite, say=say, progress=not quiet)
+            if args.command == "update":
+                manifest = incremental.update(config.settings(**common), input=args.input, say=say, progress=not quiet)
+            else:
+                settings = config.settings(
+                    input=args.input, model=args.model, weights=args.weights, n_components=args.n_components,
+                    image_size=args.image_size, batch_size=args.batch_size, images_per_partition=args.images_per_partition,
+                    pca_batch_size=args.pca_batch_size, seed=args.seed, **common,
+                )
+                manifest = job.run(settings, resume=args.resume, overwrite=args.overwrite, say=say, progress=not quiet)
     except config.UsageError as error:
         fail(str(error))
     except KeyboardInterrupt:
-        fail("interrupted; the cluster was closed. Run the same command with --resume to finish the run", code=130)
+        again = "again" if args.command == "update" else "with --resume"
+        fail(f"interrupted; the cluster was closed. Run the same command {again} to finish the {args.command}", code=130)
     if args.json:
         print(json.dumps(manifest, indent=2, ensure_ascii=False, default=str))
     elif not args.quiet:
@@ -155,11 +172,14 @@ def summary(manifest: dict) -> str:
     """The few lines a user reads at the end of a run."""
     counts, pca, speed = manifest["counts"], manifest["pca"], manifest["images_per_s"]
     weights = manifest["weights"]
+    last = manifest.get("history", [{}])[-1]
     lines = [
-        f"images read    {counts['listed']}  (non-image files skipped: {counts['skipped_non_images']})",
+        f"images listed  {counts['listed']}  (non-image files skipped: {counts['skipped_non_images']})",
         f"images failed  {counts['failed']}" + (f"  (see {manifest['output']}/errors.parquet)" if counts["failed"] else ""),
         f"images/s       {speed['list_to_output']:.1f} from listing to output (cluster start excluded), "
         f"{speed['featurize']:.1f} while featurizing",
+        *([f"update         {last['added']} new, {last['replaced']} replaced, {last['removed']} removed: "
+           f"{last['featurized']} featurized, {counts['written']} rows in all"] if last.get("command") == "update" else []),
         f"PCA            {pca['n_components']} components keep {pca['variance_kept']:.1%} of the variance",
         f"weights        {weights['used']}" + (f"  WARNING: {weights['warning']}" if weights["warning"] else ""),
         f"output         {manifest['output']}",

@@ -272,15 +272,15 @@ def featurize_partition(
 
     started = time.perf_counter()
     arrays, kept, errors = [], [], []
-    for path, blob in zip(rows["path"], blobs):
+    for path, identity, blob in zip(rows["path"], rows["identity"], blobs):
         if isinstance(blob, BaseException):
-            errors.append(sink.error_row(path, "read", blob))
+            errors.append(sink.error_row(path, identity, "read", blob))
             continue
         try:
             arrays.append(images.decode(blob, key.image_size, max_pixels))
             kept.append(path)
         except Exception as error:  # Pillow raises many kinds for broken files; each is recorded
-            errors.append(sink.error_row(path, "decode", error))
+            errors.append(sink.error_row(path, identity, "decode", error))
     seconds["decode"] = time.perf_counter() - started
 
     started = time.perf_counter()

@@ -71,7 +71,7 @@ def run(
             listing = source.list_images(s.input, s.storage_options, s.extensions)
         weights = featurize.resolve_weights(s.model, s.weights, s.seed, s.storage_options)
         check_writable(out_fs, out, output)
-        save_plan(out_fs, out, s, listing, weights)
+        save_plan(out_fs, out, s, listing, weights, command="run")
     if weights.warning:
         log.warning(weights.warning)
     if not cluster.on_this_machine(s.cluster) and (source.is_local(listing.fs) or source.is_local(out_fs)):
@@ -103,16 +103,18 @@ def run(
                 pca = reduce.fit(features, s.n_components, s.pca_batch_size, bar.update)
             pca.save(out_fs, f"{out}/{sink.STAGING}/{sink.PCA}")
         with stopwatch(timings, "project + write"):
-            write_output(client, staged, out_fs, out, progress)
+            parts = [(p["staged"], sink.part_name(index), frozenset()) for index, p in enumerate(staged)]
+            write_output(client, parts, n_rows, out_fs, out, progress)
         dashboard = client.dashboard_link
     if isinstance(s.n_components, int) and pca.n_components < s.n_components:
         log.warning(f"{s.n_components} components asked, the data has {pca.n_components}: kept {pca.n_components}")
     featurized = sum(part["images"] for part in staged if not part["resumed"])
+    finished = datetime.now(timezone.utc).isoformat()
     manifest = {
         "input": s.input,
         "output": output,
         "started": started.isoformat(),
-        "finished": datetime.now(timezone.utc).isoformat(),
+        "finished": finished,
         "settings": public_settings(s),
         "versions": versions(),
         "model": {"name": s.model, "n_features": spec.n_features, "image_size": s.image_size,
@@ -134,6 +136,8 @@ def run(
             "list_to_output": featurized / sum(v for k, v in timings.items() if k != "cluster start"),
         },
         "dashboard": dashboard,
+        "history": [{"command": "run", "input": s.input, "started": started.isoformat(), "finished": finished,
+                     "listed": len(listing.rows), "featurized": len(listing.rows), "failed": len(errors)}],
     }
     sink.commit(out_fs, out, manifest)
     return manifest
@@ -157,16 +161,24 @@ def existing_output(fs, out: str, url: str, resume: bool, overwrite: bool) -> st
     return "new"
 
 
-def save_plan(fs, out: str, s: Settings, listing: source.Listing, weights: featurize.Weights) -> None:
-    """Record what --resume needs to finish this run the same way: settings, weights and listing."""
+def save_plan(fs, out: str, s: Settings, listing: source.Listing, weights: featurize.Weights, **about) -> None:
+    """Record what --resume needs to finish this run the same way: settings, weights and listing.
+
+    `about`: the command ("run" or "update") and, for an update, the output version it started from.
+    """
     sink.write_parquet(fs, f"{out}/{sink.LISTING}", pa.Table.from_pandas(listing.rows, preserve_index=False))
-    plan = {"settings": resume_settings(s), "weights": dataclasses.asdict(weights), "skipped": listing.skipped}
+    plan = {"settings": resume_settings(s), "weights": dataclasses.asdict(weights), "skipped": listing.skipped} | about
     sink.write_json(fs, f"{out}/{sink.RUN}", plan)
 
 
-def resume_plan(fs, out: str, url: str, s: Settings) -> tuple[source.Listing, featurize.Weights]:
-    """The listing and weights of the interrupted run in `out`, if it had the same settings as `s`."""
+def resume_plan(fs, out: str, url: str, s: Settings, command: str = "run") -> tuple[source.Listing, featurize.Weights]:
+    """The listing and weights of the interrupted `command` in `out`, if it had the same settings as `s`."""
     plan = sink.read_json(fs, f"{out}/{sink.RUN}")
+    if plan.get("command", "run") != command:
+        raise UsageError(
+            f"{url} holds an interrupted {plan['command']}: finish it with `python -m pipeline {plan['command']}"
+            f"{' --resume' if plan['command'] == 'run' else ''} --output {url}`, or delete {url}/{sink.STAGING} to give it up"
+        )
     now = resume_settings(s)
     changed = [f"{key} {plan['settings'][key]!r} there, {now[key]!r} now" for key in now if plan["settings"].get(key) != now[key]]
     if changed:
@@ -214,26 +226,26 @@ def stage_features(client, listing, key, s: Settings, out_fs, out: str, progress
     return results
 
 
-def write_output(client, staged: list[dict], out_fs, out: str, progress: bool) -> None:
-    """Project each staged partition on the kept components; write it to the new images.parquet/.
+def write_output(client, parts: list[tuple[str, str, frozenset]], n_rows: int, out_fs, out: str, progress: bool) -> int:
+    """Project each partition on the kept components and write it to the new images.parquet/; returns the rows.
 
-    The projection is loaded by a task rather than scattered, so that Dask can recompute it on
-    another worker if the one holding it is lost.
+    parts: (partition file, its name in images.parquet/, paths to leave out). The projection is
+    loaded by a task rather than scattered, so that Dask can recompute it on another worker if the
+    one holding it is lost.
     """
     final = f"{out}/{sink.STAGING}/{sink.IMAGES}"
     sink.make_folder(out_fs, final)
     projection = client.submit(reduce.projection, out_fs, f"{out}/{sink.STAGING}/{sink.PCA}", key=f"projection-{client.id}")
     futures = [
-        client.submit(
-            sink.finish_partition, out_fs, part["staged"], f"{final}/{sink.part_name(index)}",
-            projection, key=f"write-{index}-{client.id}",
-        )
-        for index, part in enumerate(staged)
-        if part["rows"]
+        client.submit(sink.finish_partition, out_fs, path, f"{final}/{name}", projection, drop, key=f"write-{name}-{client.id}")
+        for path, name, drop in parts
     ]
-    with progress_bar("write", sum(p["rows"] for p in staged), progress) as bar:
+    written = 0
+    with progress_bar("write", n_rows, progress) as bar:
         for _, rows in as_completed(futures, with_results=True):
             bar.update(rows)
+            written += rows
+    return written
 
 
 def check_writable(fs, path: str, url: str) -> None:

@@ -2,14 +2,16 @@
 that stops half-way never looks complete.
 
 Layout under the output folder:
-    images.parquet/part-NNNNN.parquet  path, label, split, features list<float32>, pca list<float32>
-    errors.parquet                     path, stage, error, message: inputs that could not be used
+    images.parquet/part-NNNNN.parquet  path, label, split, identity (ETag, or size@mtime),
+                                       features list<float32>, pca list<float32>
+    errors.parquet                     path, identity, stage, error, message: inputs that could not be used
     pca.npz                            the fitted PCA (see reduce.py)
-    manifest.json                      settings, versions, weights used, counts, timings; written
-                                       last: an output is complete when it has a manifest
+    manifest.json                      settings, versions, weights used, counts, timings, history of
+                                       the run and its updates; written last: an output is complete
+                                       when it has a manifest
     report/                            pictures and report.html, by `python -m pipeline report` (report.py)
     _staging/                          the run in progress, removed when it is committed:
-      run.json, listing.parquet        what --resume needs to finish it with the same partitions
+      run.json, listing.parquet        what --resume (or a rerun of `update`) needs to finish it alike
       features/part-NNNNN.parquet      one partition's features, errors and timings; there = done
       images.parquet/, errors.parquet, pca.npz   the new output, moved into place at commit
 
@@ -25,6 +27,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import source
@@ -39,7 +42,7 @@ LISTING = f"{STAGING}/listing.parquet"
 STAGED = f"{STAGING}/features"
 FINAL = (IMAGES, ERRORS, PCA)  # moved from _staging into place at commit, then the manifest
 REPORT = "report"
-ERROR_COLUMNS = ["path", "stage", "error", "message"]
+ERROR_COLUMNS = ["path", "identity", "stage", "error", "message"]
 
 
 def part_name(index: int) -> str:
@@ -47,9 +50,9 @@ def part_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
-def error_row(path: str, stage: str, error: BaseException) -> dict:
+def error_row(path: str, identity: str, stage: str, error: BaseException) -> dict:
     """One row of the errors table."""
-    return {"path": path, "stage": stage, "error": type(error).__name__, "message": str(error)}
+    return {"path": path, "identity": identity, "stage": stage, "error": type(error).__name__, "message": str(error)}
 
 
 def list_array(matrix: np.ndarray) -> pa.ListArray:
@@ -67,12 +70,8 @@ def matrix(column: pa.ChunkedArray | pa.Array, width: int) -> np.ndarray:
 
 
 def rows_table(rows: pd.DataFrame, **vectors: np.ndarray) -> pa.Table:
-    """path, label, split, then one list<float32> column per named matrix."""
-    columns = {
-        "path": pa.array(rows["path"].tolist(), pa.string()),
-        "label": pa.array(rows["label"].tolist(), pa.string()),
-        "split": pa.array(rows["split"].tolist(), pa.string()),
-    }
+    """path, label, split, identity, then one list<float32> column per named matrix."""
+    columns = {name: pa.array(rows[name].tolist(), pa.string()) for name in ("path", "label", "split", "identity")}
     columns.update({name: list_array(values) for name, values in vectors.items()})
     return pa.table(columns)
 
@@ -98,10 +97,10 @@ def write_parquet(fs, path: str, table: pa.Table) -> None:
     publish(fs, path, lambda f: pq.write_table(table, f))
 
 
-def read_parquet(fs, path: str) -> pa.Table:
-    """Read one parquet file through any fsspec filesystem."""
+def read_parquet(fs, path: str, columns: list[str] | None = None) -> pa.Table:
+    """Read one parquet file (or only these columns) through any fsspec filesystem."""
     with fs.open(path, "rb") as f:
-        return pq.read_table(f)
+        return pq.read_table(f, columns=columns)
 
 
 def stage_partition(fs, path: str, rows: pd.DataFrame, features: np.ndarray, errors: list[dict], seconds: dict) -> dict:
@@ -127,10 +126,21 @@ def staged_features(fs, path: str, width: int) -> np.ndarray:
         return matrix(pq.read_table(f, columns=["features"])["features"], width)
 
 
-def finish_partition(fs, staged_path: str, final_path: str, projection: tuple[np.ndarray, np.ndarray]) -> int:
-    """Add the PCA projection (mean, components) to a staged partition and write it; returns its rows."""
+def finish_partition(
+    fs, source_path: str, final_path: str, projection: tuple[np.ndarray, np.ndarray], drop: frozenset = frozenset()
+) -> int:
+    """Write a partition (staged, or of the previous output) with its PCA projection (mean, components).
+
+    Rows whose path is in `drop` are left out (`update`: deleted or replaced images); returns the rows written.
+    """
     mean, components = projection
-    table = read_parquet(fs, staged_path).replace_schema_metadata(None)
+    table = read_parquet(fs, source_path).replace_schema_metadata(None)
+    if "pca" in table.column_names:  # a partition of the previous output, projected by the previous PCA
+        table = table.drop_columns("pca")
+    if drop:
+        table = table.filter(pc.invert(pc.is_in(table["path"], pa.array(sorted(drop), pa.string()))))
+    if not table.num_rows:
+        return 0
     features = matrix(table["features"], mean.shape[0])
     projected = (features - mean) @ components.T
     write_parquet(fs, final_path, table.append_column("pca", list_array(projected.astype(np.float32))))
@@ -177,6 +187,7 @@ def move(fs, path: str, target: str) -> None:
     if source.is_local(fs):
         fs.mv(path, target, recursive=True)
         return
+    fs.invalidate_cache(path)  # written by the workers: a listing cached here would miss files
     files = fs.find(path)  # s3fs's recursive mv also tries to copy the folder as an object, and fails
     fs.copy(files, [target + name[len(path) :] for name in files])
     fs.rm(files)

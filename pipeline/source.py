@@ -19,7 +19,7 @@ class Listing:
 
     fs: AbstractFileSystem
     root: str
-    rows: pd.DataFrame  # path (relative to root), label, split
+    rows: pd.DataFrame  # path (relative to root), label, split, identity
     skipped: int
 
 
@@ -48,21 +48,34 @@ def list_images(url: str, storage_options: dict, extensions: tuple[str, ...]) ->
     """List every image under `url` in one flat listing; label = parent folder, split = Training/Test."""
     fs, root = open_url(url, storage_options)
     try:
-        found = fs.find(root) if fs.isdir(root) else []
+        found = fs.find(root, detail=True) if fs.isdir(root) else {}
     except Exception as error:  # each storage backend fails its own way (no credentials, no endpoint...)
         raise UsageError(f"cannot list input {url}: {type(error).__name__}: {error}") from None
     if not found:
         raise UsageError(f"input {url} does not exist or holds no files: give a folder or prefix of images")
-    relative = sorted(path[len(root) + 1 :] for path in found)
-    images = [path for path in relative if is_image(path, extensions)]
+    relative = {path[len(root) + 1 :]: info for path, info in found.items()}
+    images = sorted(path for path in relative if is_image(path, extensions))
     if not images:
         raise UsageError(
             f"no images under {url}: {len(relative)} files, none ending in .{', .'.join(extensions)}"
         )
     rows = pd.DataFrame(
-        [(path, *label_and_split(path)) for path in images], columns=["path", "label", "split"]
+        [(path, *label_and_split(path), identity(relative[path])) for path in images],
+        columns=["path", "label", "split", "identity"],
     )
     return Listing(fs=fs, root=root, rows=rows, skipped=len(relative) - len(images))
+
+
+def identity(info: dict) -> str:
+    """What tells one version of an object from the next: its ETag where the store gives one, else size and mtime.
+
+    `update` redoes an image whose identity changed (an object replaced under the same name).
+    """
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return str(etag).strip('"')
+    modified = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or ""
+    return f"{info.get('size')}@{modified}"
 
 
 def is_image(path: str, extensions: tuple[str, ...]) -> bool:

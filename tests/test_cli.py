@@ -57,7 +57,7 @@ def test_a_run_shows_the_dashboard_first_a_bar_per_stage_and_a_summary_last(samp
     assert log.index("dashboard: http://") < log.index("featurize")
     for stage in ("featurize", "pca fit", "write"):  # images done / total and images/s, per stage
         assert re.search(rf"^{stage} *: 100%\|.*\| 129/129 \[.*img/s\]$", log, re.MULTILINE), log
-    for line in ("images read    129", "images failed  0", "images/s", "components keep", "WARNING", f"dashboard      {link}"):
+    for line in ("images listed  129", "images failed  0", "images/s", "components keep", "WARNING", f"dashboard      {link}"):
         assert line in summary
     assert report.read_text().lstrip().lower().startswith("<!doctype html")
     assert "Task Stream" in report.read_text()  # the Dask performance report, with the run's tasks

@@ -29,7 +29,7 @@ def test_a_local_folder_gives_one_row_per_image_and_one_error_per_bad_file(dask_
 
     out = tmp_path / "out"
     schema = pq.read_schema(next((out / "images.parquet").glob("*.parquet")))
-    assert schema.names == ["path", "label", "split", "features", "pca"]
+    assert schema.names == ["path", "label", "split", "identity", "features", "pca"]
     assert schema.field("features").type == pa.list_(pa.float32()) == schema.field("pca").type
     rows = read_rows(out / "images.parquet")
     errors = pd.read_parquet(out / "errors.parquet")
@@ -55,8 +55,9 @@ def test_the_pca_column_is_the_projection_on_the_saved_components(dask_cluster, 
     rows = read_rows(tmp_path / "images.parquet")
     saved = np.load(tmp_path / "pca.npz")
     features, projected = np.stack(rows.features), np.stack(rows.pca)
-    assert saved["components"].shape == (10, 1280)
-    np.testing.assert_allclose(projected, (features - saved["mean"]) @ saved["components"].T, rtol=1e-4, atol=1e-3)
+    kept = saved["components"][: saved["n_components"]]
+    assert saved["n_components"] == 10 and saved["components"].shape == (129, 1280)  # every axis fitted
+    np.testing.assert_allclose(projected, (features - saved["mean"]) @ kept.T, rtol=1e-4, atol=1e-3)
     assert len(list((tmp_path / "images.parquet").glob("*.parquet"))) == 3  # 129 images, 50 a partition
 
 

@@ -28,7 +28,7 @@ def test_the_notebook_runs_clean_on_the_shipped_sample(tmp_path, monkeypatch):
     streams = {name: "".join(o.text for o in outputs if o.output_type == "stream" and o.name == name) for name in ("stdout", "stderr")}
     assert not re.search(r"\w+Warning\b|Traceback", streams["stderr"]), streams["stderr"]  # Python's; TensorFlow's C++ log is its own
     assert re.search(r"^dashboard: http://127\.0\.0\.1:\d+/status$", streams["stdout"], re.MULTILINE)
-    assert "images read    129" in streams["stdout"] and "of each image's 5 nearest neighbours share its label" in streams["stdout"]
+    assert "images listed  129" in streams["stdout"] and "of each image's 5 nearest neighbours share its label" in streams["stdout"]
     pictures = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(pictures) == 5  # samples per label, explained variance, PCA scatter, neighbours, timings
     assert (tmp_path / "walkthrough-output" / "report" / "report.html").exists()

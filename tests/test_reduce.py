@@ -38,7 +38,7 @@ def exact(vgg16) -> PCA:
 @pytest.mark.slow
 def test_fit_agrees_with_exact_pca_on_real_wide_features(vgg16, exact):
     fitted = reduce.fit(da.from_array(vgg16, chunks=(500, -1)), 50, None)
-    assert fitted.components.shape == (50, 4608)
+    assert fitted.kept.shape == (50, 4608) and fitted.components.shape == (4000, 4608)  # all axes, for updates
     error, angle = disagreement(exact, fitted.explained_variance_ratio, fitted.components, 50)
     assert error < 0.01 and angle < 1.0, (error, angle)
     np.testing.assert_allclose(fitted.mean, vgg16.mean(axis=0), rtol=1e-4, atol=1e-4)
@@ -83,3 +83,25 @@ def test_fit_keeps_every_component_for_the_variance_curve_and_projects_with_k(tm
     again = reduce.Pca.load(fs, str(tmp_path / "pca.npz"))
     np.testing.assert_array_equal(again.components, fitted.components)
     assert again.n_samples == 300
+
+
+@pytest.mark.slow
+def test_five_increments_of_real_features_agree_with_a_pca_fitted_from_scratch_on_all(vgg16):
+    features = vgg16[:, :1024]  # 1,024 of the columns keep it quick; the full width agrees as well (slower)
+    exact = PCA(svd_solver="full").fit(features.astype(np.float64))
+    first, *increments = np.array_split(features, 5)
+    pca = reduce.fit(da.from_array(first), 0.95, None)
+    for rows in increments:
+        pca = reduce.update(pca, da.from_array(rows), 0.95, None)
+    assert pca.n_samples == 4000 and pca.n_components == reduce.components_for(exact.explained_variance_ratio_, 0.95)
+    error, angle = disagreement(exact, pca.explained_variance_ratio, pca.components, pca.n_components)
+    assert error < 0.01 and angle < 0.1, (error, angle)
+    np.testing.assert_allclose(pca.mean, features.mean(axis=0), rtol=1e-4, atol=1e-4)
+
+
+def test_an_update_of_fewer_rows_than_components_still_counts_every_row():
+    rows = np.random.default_rng(0).normal(size=(60, 8)).astype(np.float32) * np.arange(1, 9, dtype=np.float32)
+    pca = reduce.update(reduce.fit(da.from_array(rows[:50]), 8, None), da.from_array(rows[50:53]), 8, None)
+    exact = PCA(svd_solver="full").fit(rows[:53].astype(np.float64))
+    assert pca.n_samples == 53
+    np.testing.assert_allclose(pca.explained_variance_ratio, exact.explained_variance_ratio_, rtol=1e-5)

@@ -1,4 +1,6 @@
 """Listing: one flat listing, images by extension, label = parent folder as it is, split from the layout."""
+import hashlib
+
 import pytest
 
 from pipeline.config import UsageError
@@ -17,7 +19,7 @@ def make_files(root, names):
 def test_labels_keep_spaces_and_unicode_and_splits_come_from_the_layout(tmp_path):
     make_files(tmp_path, ["Training/Apple Red 1/a.jpg", "Test/Pomme à cidre/b.JPG", "loose/Kiwi/c.png", "top.jpeg"])
     rows = list_images(str(tmp_path), {}, EXTENSIONS).rows
-    rows = rows.astype(object).where(rows.notna(), None)
+    rows = rows.astype(object).where(rows.notna(), None).drop(columns="identity")
     assert rows.to_dict("records") == [
         {"path": "Test/Pomme à cidre/b.JPG", "label": "Pomme à cidre", "split": "Test"},
         {"path": "Training/Apple Red 1/a.jpg", "label": "Apple Red 1", "split": "Training"},
@@ -53,8 +55,19 @@ def test_s3_listing_equals_the_local_listing(s3, s3_endpoint, sample_copy):
     s3.put(str(sample_copy) + "/", "fruits/copy/", recursive=True)
     remote = list_images("s3://fruits/copy", {"endpoint_url": s3_endpoint}, EXTENSIONS)
     local = list_images(str(sample_copy), {}, EXTENSIONS)
-    assert remote.rows.equals(local.rows)
+    columns = ["path", "label", "split"]
+    assert remote.rows[columns].equals(local.rows[columns])
     assert any(" " in label for label in remote.rows.label)
+    first = remote.rows.iloc[0]
+    assert first.identity == hashlib.md5((sample_copy / first.path).read_bytes()).hexdigest()  # the ETag
+
+
+def test_identity_changes_when_a_file_is_replaced_under_the_same_name(tmp_path):
+    make_files(tmp_path, ["Apple/a.jpg", "Apple/b.jpg"])
+    before = list_images(str(tmp_path), {}, EXTENSIONS).rows.set_index("path").identity
+    (tmp_path / "Apple/a.jpg").write_bytes(b"another photo")
+    after = list_images(str(tmp_path), {}, EXTENSIONS).rows.set_index("path").identity
+    assert before["Apple/a.jpg"] != after["Apple/a.jpg"] and before["Apple/b.jpg"] == after["Apple/b.jpg"]
 
 
 def test_reads_return_failures_in_place_instead_of_raising(s3, s3_endpoint):

@@ -1,0 +1,184 @@
+"""`update`: as images arrive, are replaced or deleted, the output follows without featurizing the rest again.
+
+Growing a bucket in steps and updating after each gives the output of one full run: the same
+rows, bit-identical features, and the same PCA (exact: it goes on fitting with the new rows).
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from scipy.linalg import subspace_angles
+
+import pipeline
+from pipeline import incremental
+from pipeline.config import SAMPLE_DIR, UsageError
+
+LABELS = sorted(p.name for p in (SAMPLE_DIR / "Training").iterdir())
+QUIET = dict(progress=False, say=lambda message: None)
+
+
+def listing(*rows) -> pd.DataFrame:
+    return pd.DataFrame([(path, "label", "Training", identity) for path, identity in rows],
+                        columns=["path", "label", "split", "identity"])
+
+
+def errors(*rows) -> pd.DataFrame:
+    return pd.DataFrame([(path, identity, stage, "Error", "") for path, identity, stage in rows],
+                        columns=["path", "identity", "stage", "error", "message"])
+
+
+def output_rows(*rows) -> pd.DataFrame:
+    return pd.DataFrame([(path, identity, "part-00000.parquet") for path, identity in rows], columns=["path", "identity", "part"])
+
+
+def test_new_and_replaced_images_are_featurized_deleted_ones_dropped_the_rest_kept():
+    changes = incremental.compare(
+        listing(("same.jpg", "1"), ("new.jpg", "1"), ("replaced.jpg", "2")),
+        output_rows(("same.jpg", "1"), ("replaced.jpg", "1"), ("deleted.jpg", "1")),
+        errors(),
+    )
+    assert list(changes.featurize.path) == ["new.jpg", "replaced.jpg"]
+    assert changes.drop == {"replaced.jpg", "deleted.jpg"}
+    assert (changes.added, changes.replaced, changes.removed) == (1, 1, 1)
+
+
+def test_an_image_that_failed_to_decode_is_redone_only_once_it_changes_one_that_failed_to_read_is_retried():
+    changes = incremental.compare(
+        listing(("broken.jpg", "1"), ("fixed.jpg", "2"), ("unreadable.jpg", "1")),
+        output_rows(),
+        errors(("broken.jpg", "1", "decode"), ("fixed.jpg", "1", "decode"), ("unreadable.jpg", "1", "read"),
+               ("deleted.jpg", "1", "decode")),
+    )
+    assert list(changes.featurize.path) == ["fixed.jpg", "unreadable.jpg"]
+    assert list(changes.kept_errors.path) == ["broken.jpg"]
+    assert (changes.added, changes.replaced, changes.removed) == (0, 1, 1)
+
+
+def test_nothing_changed_means_nothing_to_do():
+    same = incremental.compare(listing(("a.jpg", "1")), output_rows(("a.jpg", "1")), errors())
+    assert same.nothing and same.featurize.empty
+
+
+# --- on a real cluster and S3 server ------------------------------------------------------------------
+
+
+def settings(output, cluster, endpoint, **options):
+    return pipeline.settings(input="s3://fruits/growing", output=output, cluster=cluster, weights="random",
+                             storage_options={"endpoint_url": endpoint}, **options)
+
+
+def put_labels(s3, labels) -> None:
+    for label in labels:
+        s3.put(str(SAMPLE_DIR / "Training" / label) + "/", f"fruits/growing/Training/{label}/", recursive=True)
+
+
+def read(s3, output) -> tuple[pd.DataFrame, dict]:
+    output = output.removeprefix("s3://")
+    s3.invalidate_cache()  # the output was rewritten by other processes
+    rows = pd.read_parquet(f"{output}/images.parquet", filesystem=s3).sort_values("path", ignore_index=True)
+    with s3.open(f"{output}/pca.npz") as f, np.load(f) as saved:
+        return rows, {name: saved[name] for name in saved.files}
+
+
+def assert_same_pca(pca, exact, k):
+    ratios, expected = pca["explained_variance_ratio"][:k], exact["explained_variance_ratio"][:k]
+    assert np.abs(ratios - expected).max() / expected.min() < 0.01
+    assert np.degrees(subspace_angles(pca["components"][:k].T, exact["components"][:k].T).max()) < 0.1
+
+
+@pytest.mark.slow
+def test_a_bucket_grown_in_three_steps_and_updated_after_each_equals_one_full_run(s3, s3_endpoint, dask_cluster):
+    steps = [LABELS[:5], LABELS[5:9], LABELS[9:]]
+    put_labels(s3, steps[0])
+    pipeline.run(settings("s3://fruits/grown", dask_cluster, s3_endpoint), **QUIET)
+    for labels in steps[1:]:
+        put_labels(s3, labels)
+        manifest = pipeline.update(settings("s3://fruits/grown", dask_cluster, s3_endpoint), **QUIET)
+        assert manifest["history"][-1]["featurized"] == sum(len(list((SAMPLE_DIR / "Training" / l).iterdir())) for l in labels)
+    full = pipeline.run(settings("s3://fruits/full", dask_cluster, s3_endpoint), **QUIET)
+
+    (rows, pca), (expected, exact) = read(s3, "fruits/grown"), read(s3, "fruits/full")
+    pd.testing.assert_frame_equal(rows[["path", "label", "split", "identity"]], expected[["path", "label", "split", "identity"]])
+    np.testing.assert_array_equal(np.stack(rows.features), np.stack(expected.features))
+    assert [entry["command"] for entry in manifest["history"]] == ["run", "update", "update"]
+    assert manifest["pca"]["n_samples"] == full["pca"]["n_samples"] == 129
+    assert manifest["pca"]["n_components"] == full["pca"]["n_components"]
+    assert_same_pca(pca, exact, full["pca"]["n_components"])
+    kept = pca["components"][: pca["n_components"]]
+    np.testing.assert_allclose(np.stack(rows.pca), (np.stack(rows.features) - pca["mean"]) @ kept.T, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_a_replaced_object_is_redone_a_deleted_one_removed_and_nothing_else_touched(s3, s3_endpoint, dask_cluster):
+    put_labels(s3, LABELS[:3])
+    output = "s3://fruits/out"
+    pipeline.run(settings(output, dask_cluster, s3_endpoint), **QUIET)
+    before, _ = read(s3, output)
+    replaced, deleted = before.path[0], before.path[1]
+    photo = Image.open(s3.open(f"fruits/growing/{replaced}")).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    with s3.open(f"fruits/growing/{replaced}", "wb") as f:
+        photo.save(f, "JPEG")
+    s3.rm(f"fruits/growing/{deleted}")
+
+    manifest = pipeline.update(settings(output, dask_cluster, s3_endpoint), **QUIET)
+    after, _ = read(s3, output)
+    assert {k: manifest["history"][-1][k] for k in ("added", "replaced", "removed", "featurized")} == \
+        {"added": 0, "replaced": 1, "removed": 1, "featurized": 1}
+    assert list(after.path) == [path for path in before.path if path != deleted]
+    old, new = before.set_index("path"), after.set_index("path")
+    assert new.identity[replaced] != old.identity[replaced]
+    assert not np.array_equal(new.features[replaced], old.features[replaced])
+    untouched = [path for path in after.path if path != replaced]
+    np.testing.assert_array_equal(np.stack(new.features[untouched]), np.stack(old.features[untouched]))
+
+    again = pipeline.update(settings(output, dask_cluster, s3_endpoint), **QUIET)
+    assert again["history"] == manifest["history"] and not s3.exists("fruits/out/_staging")  # up to date: nothing written
+
+
+@pytest.mark.slow
+def test_an_interrupted_update_leaves_the_output_as_it_was_and_running_it_again_finishes_it(
+    faulty_s3, s3, tmp_path, dask_cluster
+):
+    put_labels(s3, LABELS[:2])
+    output = tmp_path / "out"
+    options = dict(images_per_partition=4, image_size=320)  # many small partitions: slow enough to stop
+    first = pipeline.run(settings(str(output), dask_cluster, faulty_s3.endpoint, **options), **QUIET)
+    before = set(s3.find("fruits/growing"))
+    put_labels(s3, LABELS[2:6])
+    new = sorted(set(s3.find("fruits/growing")) - before)
+    held = faulty_s3.hold("GET", new[-1])  # the last partition cannot finish: the update is stopped mid-way
+    command = [sys.executable, "-m", "pipeline", "update", "--output", str(output), "--endpoint-url", faulty_s3.endpoint, "--quiet"]
+    interrupted = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        folder, deadline = output / "_staging" / "features", time.monotonic() + 240
+        while len(list(folder.glob("part-*.parquet"))) < 2:
+            assert interrupted.poll() is None and time.monotonic() < deadline, "the update ended before it could be stopped"
+            time.sleep(0.05)
+        os.killpg(interrupted.pid, signal.SIGINT)
+        _, stderr = interrupted.communicate(timeout=120)
+    finally:
+        held.set()
+    assert interrupted.returncode == 130 and "again" in stderr.splitlines()[-1]
+    assert json.loads((output / "manifest.json").read_text())["finished"] == first["finished"]  # the old version, whole
+    assert len(pd.read_parquet(output / "images.parquet")) == first["counts"]["written"]
+
+    with pytest.raises(UsageError, match="holds an interrupted update: finish it with `python -m pipeline update"):
+        pipeline.run(settings(str(output), dask_cluster, faulty_s3.endpoint, **options), resume=True, **QUIET)
+    said = []
+    finished = pipeline.update(settings(str(output), dask_cluster, faulty_s3.endpoint), progress=False, say=said.append)
+    assert f"finishing the interrupted update of {output}" in said
+    assert finished["counts"]["partitions_resumed"] >= 2 and finished["counts"]["written"] == first["counts"]["listed"] + len(new)
+    rows = pd.read_parquet(output / "images.parquet")
+    assert rows.path.is_unique and len(rows) == finished["counts"]["written"]
+
+
+def test_updating_what_is_not_a_finished_output_says_what_to_do(tmp_path):
+    with pytest.raises(UsageError, match="holds no finished output to update: make one with `python -m pipeline run"):
+        pipeline.update(pipeline.settings(output=str(tmp_path)), **QUIET)
