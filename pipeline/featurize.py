@@ -145,9 +145,11 @@ _inference_lock = threading.Lock()  # one inference thread per process: the othe
 class Featurizer:
     """A model that maps uint8 images of any size to float32 features, in fixed-size batches.
 
-    On a GPU it computes in float16 with float32 weights (Keras mixed precision): features stay
-    within 1e-2 of float32's (tests/test_featurize.py) for several times the speed. On a CPU, where
-    float16 is slower, it computes in float32. `mixed_precision` forces either.
+    On a GPU it computes in float16 with float32 weights (Keras mixed precision), which tensor
+    cores run faster: features stay within 1e-2 of float32's (tests/test_featurize.py). The gain
+    is unmeasured with TensorFlow; for MobileNetV2 on an H200 through Keras' jax and torch
+    backends there was none (README, GPU). On a CPU, where float16 is slower, it computes in
+    float32. `mixed_precision` forces either.
     """
 
     def __init__(self, key: ModelKey, storage_options: dict, mixed_precision: bool | None = None):
