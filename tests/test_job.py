@@ -35,8 +35,10 @@ def test_a_local_folder_gives_one_row_per_image_and_one_error_per_bad_file(dask_
     errors = pd.read_parquet(out / "errors.parquet")
     assert len(rows) == 129 and rows.label.nunique() == 13
     assert "Apple Red Yellow 2" in set(rows.label) and set(rows.split) == {"Training"}
+    broken = sample_copy / "Training" / "Apple Red 1" / "broken.jpg"
     assert errors.to_dict("records")[0] | {"message": ""} == {
-        "path": "Training/Apple Red 1/broken.jpg", "stage": "decode", "error": "UnidentifiedImageError", "message": ""
+        "path": "Training/Apple Red 1/broken.jpg", "identity": f"{broken.stat().st_size}@{broken.stat().st_mtime}",
+        "stage": "decode", "error": "UnidentifiedImageError", "message": "",
     }
     assert manifest["counts"] | {"partitions": 0} == {
         "listed": 130, "written": 129, "failed": 1, "skipped_non_images": 1, "partitions": 0, "partitions_resumed": 0
