@@ -85,6 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--to", metavar="FOLDER", help="write the pictures and the page here instead of OUTPUT/report/")
     report.add_argument("--endpoint-url", help="S3 endpoint of the output (MinIO, a local S3 server, another region)")
     report.add_argument("--anon", action="store_true", help="read a public bucket without credentials")
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="how well the PCA features tell the labels apart: a logistic regression's accuracy, per label and by k",
+        description="Train a logistic regression on a finished run's PCA coordinates (Training split; a seeded "
+        "stratified hold-out when there is no Test split), score it on the Test split for the k kept and a few "
+        "smaller k, and write evaluation.json, a confusion matrix, accuracy against k and evaluation.html to "
+        "OUTPUT/evaluation/. The weights that produced the features are stated.",
+    )
+    evaluate.add_argument("output", metavar="OUTPUT", help="the --output of a finished run: folder or fsspec URL")
+    evaluate.add_argument("--to", metavar="FOLDER", help="write the files here instead of OUTPUT/evaluation/")
+    evaluate.add_argument("--endpoint-url", help="S3 endpoint of the output (MinIO, a local S3 server, another region)")
+    evaluate.add_argument("--anon", action="store_true", help="read a public bucket without credentials")
+    evaluate.add_argument("--json", action="store_true", help="print evaluation.json on stdout instead of the summary")
     return parser
 
 
@@ -114,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         storage["anon"] = True
     if args.command == "report":
         return write_report(args.output, args.to, storage)
+    if args.command == "evaluate":
+        return write_evaluation(args.output, args.to, storage, args.json)
     quiet = args.quiet or args.json
     say = (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr, flush=True))
     common = dict(output=args.output, cluster=args.cluster, report=args.report, gpu=args.gpu, storage_options=storage)
@@ -149,6 +164,22 @@ def write_report(output: str, folder: str | None, storage: dict) -> int:
     except config.UsageError as error:
         fail(str(error))
     print("\n".join(written))
+    return 0
+
+
+def write_evaluation(output: str, folder: str | None, storage: dict, as_json: bool) -> int:
+    """`pipeline evaluate`: score a classifier on a finished run's features; print the summary and the files written."""
+    from . import evaluate  # scikit-learn and matplotlib are imported only to evaluate
+
+    try:
+        scores = evaluate.evaluate(evaluate.load(output, storage))
+        written = evaluate.write(scores, folder, storage)
+    except config.UsageError as error:
+        fail(str(error))
+    if as_json:
+        print(json.dumps(scores, indent=2, ensure_ascii=False))
+    else:
+        print("\n".join([*evaluate.summary(scores), f"written    {written[0]}", *(f"           {path}" for path in written[1:])]))
     return 0
 
 

@@ -57,13 +57,7 @@ def load(output: str, storage_options: dict | None = None) -> Results:
     """Read what the report needs from a finished run's output folder or URL."""
     fs, root = source.open_url(output, storage_options or {})
     url = source.full_url(fs, root)
-    try:
-        with fs.open(f"{root}/{sink.MANIFEST}", "r") as f:
-            manifest = json.load(f)
-    except FileNotFoundError:
-        raise UsageError(f"no {sink.MANIFEST} in {url}: give the --output of a finished `pipeline run`") from None
-    except Exception as error:  # each storage backend fails its own way (no credentials, no endpoint...)
-        raise UsageError(f"cannot read output {url}: {type(error).__name__}: {error}") from None
+    manifest = finished_manifest(fs, root, url)
     pca = reduce.Pca.load(fs, f"{root}/{sink.PCA}")
     labels, coords = [], []
     for part in sorted(fs.glob(f"{root}/{sink.IMAGES}/*.parquet")):
@@ -79,6 +73,19 @@ def load(output: str, storage_options: dict | None = None) -> Results:
         labels, coords = labels[keep], coords[keep]
     errors = sink.read_parquet(fs, f"{root}/{sink.ERRORS}").to_pandas()
     return Results(url, manifest, pca, labels, coords, n_images, errors)
+
+
+def finished_manifest(fs, root: str, url: str) -> dict:
+    """The manifest of the finished run in `root`, or a UsageError saying what to give instead."""
+    try:
+        with fs.open(f"{root}/{sink.MANIFEST}", "r") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        if fs.exists(f"{root}/{sink.STAGING}"):
+            raise UsageError(f"{url} holds an unfinished run: finish it with `pipeline run --resume` and the same options") from None
+        raise UsageError(f"no {sink.MANIFEST} in {url}: give the --output of a finished `pipeline run`") from None
+    except Exception as error:  # each storage backend fails its own way (no credentials, no endpoint...)
+        raise UsageError(f"cannot read output {url}: {type(error).__name__}: {error}") from None
 
 
 def write(results: Results, folder: str | None = None, storage_options: dict | None = None) -> list[str]:
@@ -233,18 +240,23 @@ def nearest(points: np.ndarray, index: int, n: int) -> tuple[np.ndarray, np.ndar
 
 def page(results: Results, pngs: dict[str, bytes]) -> str:
     """One HTML page with the summary, the pictures embedded as base64 and the errors: no other file needed."""
-    m = results.manifest
-    pictures = "\n".join(
-        f'<h2>{html.escape(PICTURES[name])}</h2>\n<img src="data:image/png;base64,{base64.b64encode(data).decode()}" '
-        f'alt="{html.escape(PICTURES[name])}">'
+    summary_table = table([[html.escape(k), html.escape(str(v))] for k, v in summary(results.manifest).items()], None)
+    body = [summary_table, pictures_html(pngs, PICTURES), "<h2>Errors</h2>", errors_html(results.errors)]
+    return html_page(f"Pipeline report: {results.url}", "\n".join(body))
+
+
+def pictures_html(pngs: dict[str, bytes], titles: dict[str, str]) -> str:
+    """Each PNG under its title, embedded in the page as base64."""
+    return "\n".join(
+        f'<h2>{html.escape(titles[name])}</h2>\n<img src="data:image/png;base64,{base64.b64encode(data).decode()}" '
+        f'alt="{html.escape(titles[name])}">'
         for name, data in pngs.items()
     )
-    return TEMPLATE.format(
-        title=html.escape(f"Pipeline report: {results.url}"),
-        summary=table([[html.escape(k), html.escape(str(v))] for k, v in summary(m).items()], None),
-        pictures=pictures,
-        errors=errors_html(results.errors),
-    )
+
+
+def html_page(title: str, body: str) -> str:
+    """A whole HTML page around `body` (already escaped), with the reports' style."""
+    return TEMPLATE.format(title=html.escape(title), body=body)
 
 
 def summary(m: dict) -> dict[str, str]:
@@ -301,10 +313,7 @@ img {{ max-width: 100%; display: block; margin: 0.5em 0 1.5em; }}
 </head>
 <body>
 <h1>{title}</h1>
-{summary}
-{pictures}
-<h2>Errors</h2>
-{errors}
+{body}
 </body>
 </html>
 """

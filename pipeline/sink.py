@@ -10,6 +10,7 @@ Layout under the output folder:
                                        the run and its updates; written last: an output is complete
                                        when it has a manifest
     report/                            pictures and report.html, by `python -m pipeline report` (report.py)
+    evaluation/                        a classifier's scores, by `python -m pipeline evaluate` (evaluate.py)
     _staging/                          the run in progress, removed when it is committed:
       run.json, listing.parquet        what --resume (or a rerun of `update`) needs to finish it alike
       features/part-NNNNN.parquet      one partition's features, errors and timings; there = done
@@ -42,6 +43,7 @@ LISTING = f"{STAGING}/listing.parquet"
 STAGED = f"{STAGING}/features"
 FINAL = (IMAGES, ERRORS, PCA)  # moved from _staging into place at commit, then the manifest
 REPORT = "report"
+EVALUATION = "evaluation"
 ERROR_COLUMNS = ["path", "identity", "stage", "error", "message"]
 
 
@@ -195,7 +197,7 @@ def move(fs, path: str, target: str) -> None:
 
 def commit(fs, out: str, manifest: dict) -> None:
     """Replace the previous output by the staged one; the manifest, written last, marks it complete."""
-    remove(fs, out, MANIFEST, REPORT, *FINAL)  # the old pictures go with the old output
+    remove(fs, out, MANIFEST, REPORT, EVALUATION, *FINAL)  # the old pictures and scores go with the old output
     for name in FINAL:
         move(fs, f"{out}/{STAGING}/{name}", f"{out}/{name}")
     write_json(fs, f"{out}/{MANIFEST}", manifest)

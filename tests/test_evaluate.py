@@ -1,0 +1,205 @@
+"""`python -m pipeline evaluate OUTPUT`: a logistic regression on a finished run's PCA features, scored against chance."""
+import json
+import shutil
+import subprocess
+import sys
+
+import fsspec
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+import pipeline
+from pipeline import evaluate, reduce, sink
+from pipeline.config import SAMPLE_DIR
+
+FILES = ["evaluation.html", "evaluation.json", "accuracy-vs-k.png", "confusion-matrix.png"]
+
+
+def pipeline_evaluate(*args):
+    return subprocess.run([sys.executable, "-m", "pipeline", "evaluate", *args], capture_output=True, text=True, timeout=120)
+
+
+def run_pipeline(images, output, cluster):
+    pipeline.run(pipeline.settings(input=str(images), output=str(output), cluster=cluster, weights="random"),
+                 progress=False, say=lambda message: None)
+    return output
+
+
+@pytest.fixture(scope="module")
+def sample_run(dask_cluster, tmp_path_factory):
+    """The output of a real run on the shipped sample (129 images, 13 apple labels, Training only), random weights."""
+    return run_pipeline(SAMPLE_DIR, tmp_path_factory.mktemp("run") / "out", dask_cluster)
+
+
+def fake_output(folder, labels, splits, features, kept):
+    """A finished output written by hand in the documented format, with pca.npz holding every component."""
+    mean = features.mean(axis=0)
+    _, singular, axes = np.linalg.svd(features - mean, full_matrices=False)
+    variance = singular**2 / (len(features) - 1)
+    pca = reduce.Pca(axes.astype(np.float32), mean.astype(np.float32), variance, variance / variance.sum(), len(features))
+    rows = pd.DataFrame({"path": [f"{label}/{i}.jpg" for i, label in enumerate(labels)], "label": labels, "split": splits})
+    table = sink.rows_table(rows, features=features.astype(np.float32), pca=(features - mean) @ axes[:kept].T)
+    fs = fsspec.filesystem("file")
+    fs.makedirs(f"{folder}/{sink.IMAGES}")
+    sink.write_parquet(fs, f"{folder}/{sink.IMAGES}/{sink.part_name(0)}", table)
+    pca.save(fs, f"{folder}/{sink.PCA}")
+    manifest = {"weights": {"requested": "imagenet", "used": "imagenet", "warning": None}, "pca": {"n_components": kept}}
+    sink.write_json(fs, f"{folder}/{sink.MANIFEST}", manifest)
+    return folder
+
+
+def check_pictures(folder):
+    """Each picture is a valid PNG with something drawn on it."""
+    for name in FILES[2:]:
+        with Image.open(folder / name) as picture:
+            assert picture.format == "PNG", name
+            picture.verify()
+        with Image.open(folder / name) as picture:
+            assert len(picture.convert("RGB").getcolors(maxcolors=1 << 20)) > 20, f"{name} looks blank"
+
+
+@pytest.fixture(scope="module")
+def evaluated(sample_run):
+    """`pipeline evaluate` on the sample's output, as a user runs it."""
+    result = pipeline_evaluate(str(sample_run))
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.mark.slow
+def test_random_weights_separate_the_sample_apples_well_above_chance(sample_run, evaluated):
+    result = evaluated
+    scores = json.loads((sample_run / "evaluation" / "evaluation.json").read_text())
+
+    assert scores["labels"] == 13 and scores["chance"]["uniform"] == pytest.approx(1 / 13)
+    assert scores["accuracy"] > 3 * scores["chance"]["uniform"]  # measured: 0.66 against 0.077
+    assert scores["accuracy"] > 3 * scores["chance"]["majority"]
+    assert scores["split"] == {"method": "a hold-out of 25% of each label's images (seed 0), as the output has no Test split", "train": 91, "test": 38}
+    assert scores["weights"] == {"requested": "random", "used": "random", "warning": None, "seed": 0}
+
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"accuracy   {scores['accuracy']:.3f} on 38 test images, k = {scores['k']} components; chance 0.077")
+    assert "weights    random, seed 0: an untrained CNN; these figures are not ImageNet's" in lines
+    folder = sample_run / "evaluation"
+    assert lines[-4:] == [f"written    {folder / FILES[0]}", *(f"           {folder / name}" for name in FILES[1:])]
+
+
+@pytest.mark.slow
+def test_the_evaluation_holds_the_per_label_table_accuracy_by_k_and_pictures(sample_run, evaluated):
+    folder = sample_run / "evaluation"
+    scores = json.loads((folder / "evaluation.json").read_text())
+
+    assert [entry["k"] for entry in scores["accuracy_vs_k"]] == [2, 5, 10, 20, 50, scores["k"]]
+    assert scores["accuracy_vs_k"][-1]["accuracy"] == scores["accuracy"]
+    table = scores["per_label"]
+    assert [row["label"] for row in table] == sorted(path.name for path in (SAMPLE_DIR / "Training").iterdir())
+    assert sum(row["support"] for row in table) == 38 and all(row["support"] >= 2 for row in table)  # stratified
+    assert all(0 <= row[name] <= 1 for row in table for name in ("precision", "recall", "f1"))
+    counts = np.array(scores["confusion"]["counts"])
+    assert counts.sum() == 38 and np.trace(counts) / 38 == pytest.approx(scores["accuracy"])
+
+    check_pictures(folder)
+    page = (folder / "evaluation.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and "these figures are not ImageNet&#x27;s" in page
+    assert "<td>Apple Red Delicious</td>" in page
+
+
+@pytest.mark.slow
+def test_a_training_and_test_layout_is_used_as_given(dask_cluster, tmp_path):
+    images = tmp_path / "images"
+    for folder in sorted((SAMPLE_DIR / "Training").iterdir()):
+        for i, image in enumerate(sorted(folder.iterdir())):
+            split = "Test" if i < 3 else "Training"
+            (images / split / folder.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(image, images / split / folder.name / image.name)
+    output = run_pipeline(images, tmp_path / "out", dask_cluster)
+
+    scores = evaluate.evaluate(evaluate.load(str(output)))
+    assert scores["split"] == {"method": "the output's Training and Test splits", "train": 129 - 39, "test": 39}
+    assert [row["support"] for row in scores["per_label"]] == [3] * 13
+    assert scores["accuracy"] > 3 * scores["chance"]["uniform"] and scores["notes"] == []
+
+
+@pytest.mark.slow
+def test_an_s3_output_is_evaluated_in_place_or_into_a_local_folder(sample_run, s3, s3_endpoint, tmp_path):
+    s3.put(str(sample_run) + "/", "fruits/out/", recursive=True)
+    s3.rm("fruits/out/evaluation", recursive=True)  # the local one: this one must come from S3
+
+    result = pipeline_evaluate("s3://fruits/out", "--endpoint-url", s3_endpoint, "--json")
+    assert result.returncode == 0, result.stderr
+    scores = json.loads(result.stdout)  # stdout holds the JSON alone
+    assert scores["output"] == "s3://fruits/out"
+    s3.get("fruits/out/evaluation/", str(tmp_path / "from-s3") + "/", recursive=True)
+    assert json.loads((tmp_path / "from-s3" / "evaluation.json").read_text()) == scores
+    check_pictures(tmp_path / "from-s3")
+
+    result = pipeline_evaluate("s3://fruits/out", "--endpoint-url", s3_endpoint, "--to", str(tmp_path / "local"))
+    assert result.returncode == 0, result.stderr
+    assert sorted(path.name for path in (tmp_path / "local").iterdir()) == sorted(FILES)
+
+
+def test_k_beyond_the_components_kept_projects_the_features_with_every_fitted_component(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.repeat(["Apple", "Pear", "Plum"], 20)
+    centres = rng.normal(size=(3, 64)) * 3
+    features = centres[np.repeat([0, 1, 2], 20)] + rng.normal(size=(60, 64))
+    output = fake_output(tmp_path / "out", labels, [None] * 60, features, kept=5)
+
+    images = evaluate.load(str(output))
+    assert images.kept == 5 and images.k_values == [2, 5, 10, 20, 50]
+    pca = reduce.Pca.load(fsspec.filesystem("file"), str(output / "pca.npz"))
+    assert np.allclose(images.vectors, (features - pca.mean) @ pca.components[:50].T, atol=1e-4)
+    scores = evaluate.evaluate(images)
+    assert [entry["k"] for entry in scores["accuracy_vs_k"]] == [2, 5, 10, 20, 50] and scores["k"] == 5
+    assert scores["accuracy"] == 1.0 and scores["weights_note"] == "imagenet"
+
+
+def test_labels_of_a_single_image_are_left_out_of_a_hold_out_with_a_note():
+    labels = np.array(["Apple"] * 8 + ["Pear"] * 2 + ["Plum"])
+    rows = evaluate.split(labels, np.array([None] * 11))
+    assert sorted(labels[rows.test]) == ["Apple", "Apple", "Pear"] and sorted(labels[rows.train]) == ["Apple"] * 6 + ["Pear"]
+    assert rows.notes == ["left out the labels with a single image (a hold-out needs one to train on and one to test): Plum"]
+    again = evaluate.split(labels, np.array([None] * 11))
+    assert rows.train.tolist() == again.train.tolist() and rows.test.tolist() == again.test.tolist()  # seeded
+
+
+def test_training_and_test_splits_say_what_they_leave_out():
+    labels = np.array(["Apple", "Pear", "Apple", "Pear", "Plum", "Apple"])
+    splits = np.array(["Training", "Training", "Test", "Test", "Test", None])
+    rows = evaluate.split(labels, splits)
+    assert rows.train.tolist() == [0, 1] and rows.test.tolist() == [2, 3, 4]
+    assert rows.notes == ["left out the images in neither Training nor Test: 1", "labels in Test only, so never predicted: Plum"]
+
+
+def test_a_folder_without_a_finished_run_is_a_one_line_usage_error(tmp_path):
+    result = pipeline_evaluate(str(tmp_path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"error: no manifest.json in {tmp_path}: give the --output of a finished `pipeline run`"
+
+
+def test_an_interrupted_run_is_a_one_line_usage_error_saying_how_to_finish_it(tmp_path):
+    (tmp_path / "_staging").mkdir()
+    (tmp_path / "_staging" / "run.json").write_text("{}")
+    result = pipeline_evaluate(str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {tmp_path} holds an unfinished run: finish it with `pipeline run --resume` and the same options"
+
+
+def test_a_single_label_is_a_one_line_usage_error(tmp_path):
+    output = fake_output(tmp_path / "out", ["Apple"] * 6, ["Training"] * 6, np.random.default_rng(0).normal(size=(6, 8)), kept=3)
+    result = pipeline_evaluate(str(output))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "error: evaluate needs images of at least 2 labels; the output has only 'Apple': label the images by folder"
+    assert not (output / "evaluation").exists()
+
+
+def test_a_new_output_drops_the_old_evaluation(tmp_path):
+    fs, out = fsspec.filesystem("file"), str(tmp_path)
+    for name in (f"{sink.STAGING}/{sink.IMAGES}/{sink.part_name(0)}", f"{sink.STAGING}/{sink.ERRORS}", f"{sink.STAGING}/{sink.PCA}",
+                 "evaluation/evaluation.json"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    sink.commit(fs, out, {})
+    assert sorted(fs.ls(out, detail=False)) == [f"{out}/{name}" for name in sorted(sink.FINAL + (sink.MANIFEST,))]
