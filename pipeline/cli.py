@@ -81,22 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
         "first two PCA coordinates only) and write the explained variance, the images on the first two principal "
         "components, the stage timings and the counts as PNG files, with report.html holding them all, to OUTPUT/report/.",
     )
-    report.add_argument("output", metavar="OUTPUT", help="the --output of a finished run: folder or fsspec URL")
-    report.add_argument("--to", metavar="FOLDER", help="write the pictures and the page here instead of OUTPUT/report/")
-    report.add_argument("--endpoint-url", help="S3 endpoint of the output (MinIO, a local S3 server, another region)")
-    report.add_argument("--anon", action="store_true", help="read a public bucket without credentials")
+    finished_output_arguments(report, "the pictures and the page", "report")
     evaluate = commands.add_parser(
         "evaluate",
         help="how well the PCA features tell the labels apart: a logistic regression's accuracy, per label and by k",
-        description="Train a logistic regression on a finished run's PCA coordinates (Training split; a seeded "
-        "stratified hold-out when there is no Test split), score it on the Test split for the k kept and a few "
-        "smaller k, and write evaluation.json, a confusion matrix, accuracy against k and evaluation.html to "
+        description="Train a logistic regression on a finished run's PCA coordinates (its Training split, or a seeded "
+        "75% of each label when there is no Test split), score it on the Test split (or the other 25%) for the k kept "
+        "and a few smaller k, and write evaluation.json, a confusion matrix, accuracy against k and evaluation.html to "
         "OUTPUT/evaluation/. The weights that produced the features are stated.",
     )
-    evaluate.add_argument("output", metavar="OUTPUT", help="the --output of a finished run: folder or fsspec URL")
-    evaluate.add_argument("--to", metavar="FOLDER", help="write the files here instead of OUTPUT/evaluation/")
-    evaluate.add_argument("--endpoint-url", help="S3 endpoint of the output (MinIO, a local S3 server, another region)")
-    evaluate.add_argument("--anon", action="store_true", help="read a public bucket without credentials")
+    finished_output_arguments(evaluate, "the files", "evaluation")
     evaluate.add_argument("--json", action="store_true", help="print evaluation.json on stdout instead of the summary")
     return parser
 
@@ -113,6 +107,14 @@ def where(command: argparse.ArgumentParser, input_help: str) -> None:
     command.add_argument("--report", metavar="FILE.html", help="save a Dask performance report of the run")
     command.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors: no progress, no summary")
     command.add_argument("--json", action="store_true", help="print the manifest as JSON on stdout instead of the summary")
+
+
+def finished_output_arguments(parser: argparse.ArgumentParser, written: str, folder: str) -> None:
+    """OUTPUT and where to write, for the commands that read a finished run (report, evaluate)."""
+    parser.add_argument("output", metavar="OUTPUT", help="the --output of a finished run: folder or fsspec URL")
+    parser.add_argument("--to", metavar="FOLDER", help=f"write {written} here instead of OUTPUT/{folder}/")
+    parser.add_argument("--endpoint-url", help="S3 endpoint of the output (MinIO, a local S3 server, another region)")
+    parser.add_argument("--anon", action="store_true", help="read a public bucket without credentials")
 
 
 def main(argv: list[str] | None = None) -> int:

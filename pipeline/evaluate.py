@@ -146,8 +146,9 @@ def evaluate(images: Images) -> dict:
     notes = list(rows.notes)
     by_k, predicted = [], None
     for k in images.k_values:
+        fit_started = time.perf_counter()
         guesses = classify(images.vectors[rows.train, :k], y_train, images.vectors[rows.test, :k], notes, k)
-        by_k.append({"k": k, "accuracy": float(np.mean(guesses == y_test))})
+        by_k.append({"k": k, "accuracy": float(np.mean(guesses == y_test)), "seconds": time.perf_counter() - fit_started})
         if k == images.kept:
             predicted = guesses
     names = sorted(set(y_train) | set(y_test))
@@ -165,7 +166,8 @@ def evaluate(images: Images) -> dict:
         "labels": len(names),
         "k": images.kept,
         "accuracy": next(entry["accuracy"] for entry in by_k if entry["k"] == images.kept),
-        "chance": {"uniform": 1 / len(train_names), "majority": float(np.mean(y_test == majority)), "majority_label": str(majority)},
+        "chance": {"uniform": 1 / len(train_names), "labels_trained": len(train_names),
+                   "majority": float(np.mean(y_test == majority)), "majority_label": str(majority)},
         "accuracy_vs_k": by_k,
         "per_label": [
             {"label": name, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
@@ -216,7 +218,7 @@ def summary(scores: dict) -> list[str]:
     chance = scores["chance"]
     lines = [
         f"accuracy   {scores['accuracy']:.3f} on {scores['split']['test']:,} test images, k = {scores['k']} components; "
-        f"chance {chance['uniform']:.3f} (1 of {scores['labels']} labels), majority label {chance['majority']:.3f}",
+        f"chance {chance['uniform']:.3f} (1 of {chance['labels_trained']} labels), majority label {chance['majority']:.3f}",
         "by k       " + "  ".join(f"{entry['k']}: {entry['accuracy']:.3f}" for entry in scores["accuracy_vs_k"]),
         f"split      {scores['split']['train']:,} train / {scores['split']['test']:,} test, {scores['split']['method']}",
         f"weights    {scores['weights_note']}",
@@ -289,7 +291,7 @@ def page(scores: dict, pngs: dict[str, bytes]) -> str:
         "classifier": scores["classifier"],
         "split": f"{scores['split']['train']:,} images to train, {scores['split']['test']:,} to test: {scores['split']['method']}",
         "accuracy": f"{scores['accuracy']:.1%} with k = {scores['k']} components",
-        "chance": f"{chance['uniform']:.1%} (1 of {scores['labels']} labels); always {chance['majority_label']}: {chance['majority']:.1%}",
+        "chance": f"{chance['uniform']:.1%} (1 of {chance['labels_trained']} labels); always {chance['majority_label']}: {chance['majority']:.1%}",
         "by k": ", ".join(f"{entry['k']}: {entry['accuracy']:.1%}" for entry in scores["accuracy_vs_k"]),
         **{f"note {i + 1}": note for i, note in enumerate(scores["notes"])},
     }

@@ -173,6 +173,20 @@ def test_training_and_test_splits_say_what_they_leave_out():
     assert rows.notes == ["left out the images in neither Training nor Test: 1", "labels in Test only, so never predicted: Plum"]
 
 
+def test_a_label_found_only_in_test_is_scored_as_missed_and_chance_counts_the_labels_trained_on(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.repeat(["Apple", "Pear", "Plum"], 10)
+    splits = np.tile(["Training"] * 7 + ["Test"] * 3, 3)
+    splits[20:27] = "Test"  # every Plum is in Test
+    features = np.repeat(rng.normal(size=(3, 16)) * 3, 10, axis=0) + rng.normal(size=(30, 16))
+    scores = evaluate.evaluate(evaluate.load(str(fake_output(tmp_path / "out", labels, splits, features, kept=4))))
+
+    assert scores["split"]["train"] == 14 and scores["split"]["test"] == 16
+    assert scores["chance"]["uniform"] == 0.5 and scores["labels"] == 3
+    assert {row["label"]: (row["recall"], row["support"]) for row in scores["per_label"]}["Plum"] == (0.0, 10)
+    assert scores["notes"] == ["labels in Test only, so never predicted: Plum"]
+
+
 def test_a_folder_without_a_finished_run_is_a_one_line_usage_error(tmp_path):
     result = pipeline_evaluate(str(tmp_path))
     assert result.returncode == 2 and "Traceback" not in result.stderr
