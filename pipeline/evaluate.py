@@ -254,7 +254,7 @@ def accuracy_figure(by_k: list[dict], kept: int, chance: dict) -> Figure:
     ax.minorticks_off()
     ax.set(xlabel="principal components used (k)", ylabel="accuracy on the test images", ylim=(0, 1.08))
     ax.yaxis.set_major_formatter(PercentFormatter(1.0))
-    ax.legend(loc="lower right", fontsize="small")
+    ax.legend(loc="upper left", fontsize="small")
     ax.grid(alpha=0.3)
     return figure
 
