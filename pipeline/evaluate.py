@@ -77,8 +77,8 @@ def load(output: str, storage_options: dict | None = None) -> Images:
     columns = ["label", "split", "features" if k_values[-1] > kept else "pca"]
     labels, splits, vectors = [], [], []
     for part in sorted(fs.glob(f"{root}/{sink.IMAGES}/*.parquet")):
-        with fs.open(part, "rb") as f:
-            table = pq.read_table(f, columns=columns)
+        with fs.open(part, "rb") as f:  # not pq.read_table: its threads can abort the exit that follows (apache/arrow#34314)
+            table = pq.ParquetFile(f).read(columns)
         labels.append(table["label"].to_numpy(zero_copy_only=False))
         splits.append(table["split"].to_numpy(zero_copy_only=False))
         vectors.append(coordinates(table, pca, kept, k_values[-1]))
