@@ -72,7 +72,7 @@ def load(output: str, storage_options: dict | None = None) -> Images:
     url = source.full_url(fs, root)
     manifest = report.finished_manifest(fs, root, url)
     pca = reduce.Pca.load(fs, f"{root}/{sink.PCA}")
-    kept = int(manifest["pca"]["n_components"])
+    kept = pca.n_components
     k_values = sorted({k for k in K_VALUES if k <= len(pca.components)} | {kept})
     columns = ["label", "split", "features" if k_values[-1] > kept else "pca"]
     labels, splits, vectors = [], [], []
@@ -92,7 +92,7 @@ def coordinates(table, pca: reduce.Pca, kept: int, k: int) -> np.ndarray:
     if k <= kept:
         return sink.matrix(table["pca"], kept)[:, :k]
     features = sink.matrix(table["features"], len(pca.mean))
-    return (features - pca.mean) @ pca.components[:k].T
+    return (features - pca.mean.astype(np.float32)) @ pca.components[:k].astype(np.float32).T  # as the run projects
 
 
 def split(labels: np.ndarray, splits: np.ndarray, fraction: float = TEST_FRACTION, seed: int = SEED) -> Split:

@@ -34,12 +34,15 @@ def sample_run(dask_cluster, tmp_path_factory):
 
 
 def fake_output(folder, labels, splits, features, kept):
-    """A finished output written by hand in the documented format, with pca.npz holding every component."""
+    """A finished output written by hand in the documented format (pca.npz holds every fitted component)."""
     mean = features.mean(axis=0)
     _, singular, axes = np.linalg.svd(features - mean, full_matrices=False)
     variance = singular**2 / (len(features) - 1)
-    pca = reduce.Pca(axes.astype(np.float32), mean.astype(np.float32), variance, variance / variance.sum(), len(features))
-    rows = pd.DataFrame({"path": [f"{label}/{i}.jpg" for i, label in enumerate(labels)], "label": labels, "split": splits})
+    pca = reduce.Pca(components=axes, singular_values=singular, explained_variance=variance,
+                     explained_variance_ratio=variance / variance.sum(), mean=mean, var=features.var(axis=0),
+                     n_samples=len(features), n_components=kept)
+    paths = [f"{label}/{i}.jpg" for i, label in enumerate(labels)]
+    rows = pd.DataFrame({"path": paths, "label": labels, "split": splits, "identity": ["100@0"] * len(paths)})
     table = sink.rows_table(rows, features=features.astype(np.float32), pca=(features - mean) @ axes[:kept].T)
     fs = fsspec.filesystem("file")
     fs.makedirs(f"{folder}/{sink.IMAGES}")
