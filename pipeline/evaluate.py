@@ -20,7 +20,6 @@ import time
 import warnings
 
 import numpy as np
-import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 from sklearn.exceptions import ConvergenceWarning
@@ -77,8 +76,7 @@ def load(output: str, storage_options: dict | None = None) -> Images:
     columns = ["label", "split", "features" if k_values[-1] > kept else "pca"]
     labels, splits, vectors = [], [], []
     for part in sorted(fs.glob(f"{root}/{sink.IMAGES}/*.parquet")):
-        with fs.open(part, "rb") as f:  # not pq.read_table: its threads can abort the exit that follows (apache/arrow#34314)
-            table = pq.ParquetFile(f).read(columns)
+        table = sink.read_parquet(fs, part, columns)
         labels.append(table["label"].to_numpy(zero_copy_only=False))
         splits.append(table["split"].to_numpy(zero_copy_only=False))
         vectors.append(coordinates(table, pca, kept, k_values[-1]))

@@ -19,7 +19,6 @@ import dask.config
 import matplotlib
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
@@ -61,8 +60,7 @@ def load(output: str, storage_options: dict | None = None) -> Results:
     pca = reduce.Pca.load(fs, f"{root}/{sink.PCA}")
     labels, coords = [], []
     for part in sorted(fs.glob(f"{root}/{sink.IMAGES}/*.parquet")):
-        with fs.open(part, "rb") as f:
-            table = pq.read_table(f, columns=["label", "pca"])
+        table = sink.read_parquet(fs, part, columns=["label", "pca"])
         labels.append(table["label"].to_numpy(zero_copy_only=False))
         coords.append(sink.matrix(table["pca"], pca.n_components)[:, :2])
     labels = np.concatenate(labels) if labels else np.array([], dtype=object)
