@@ -211,7 +211,7 @@ def summary(manifest: dict) -> str:
         f"images failed  {counts['failed']}" + (f"  (see {manifest['output']}/errors.parquet)" if counts["failed"] else ""),
         f"images/s       {speed['list_to_output']:.1f} from listing to output (cluster start excluded), "
         f"{speed['featurize']:.1f} while featurizing",
-        *([f"update         {last['added']} new, {last['replaced']} replaced, {last['removed']} removed: "
+        *([f"last update    {last['added']} new, {last['replaced']} replaced, {last['removed']} removed: "
            f"{last['featurized']} featurized, {counts['written']} rows in all"] if last.get("command") == "update" else []),
         f"PCA            {pca['n_components']} components keep {pca['variance_kept']:.1%} of the variance",
         f"weights        {weights['used']}" + (f"  WARNING: {weights['warning']}" if weights["warning"] else ""),
