@@ -9,6 +9,8 @@ import urllib.request
 
 import pytest
 
+from pipeline.cli import summary
+
 CLOSED_PORT = "http://127.0.0.1:9"  # nothing listens there: downloads fail at once, online or not
 ANY_PORT = {"DASK_PIPELINE__LOCAL_CLUSTER__DASHBOARD_ADDRESS": "127.0.0.1:0"}  # tests running at once never collide
 
@@ -151,3 +153,14 @@ def test_checking_that_the_report_can_be_written_leaves_an_earlier_report_alone(
     job.check_report_writable(str(tmp_path / "run.html"), {})
     assert [p.name for p in tmp_path.iterdir()] == ["run.html"]
     assert (tmp_path / "run.html").read_text() == "the earlier run's report"
+
+
+def test_the_summary_of_an_updated_output_says_what_its_last_update_did():
+    manifest = {
+        "counts": {"listed": 140, "written": 139, "failed": 1, "skipped_non_images": 0},
+        "pca": {"n_components": 97, "variance_kept": 0.951}, "images_per_s": {"list_to_output": 9.0, "featurize": 10.0},
+        "weights": {"used": "random", "warning": None}, "output": "out", "dashboard": "http://127.0.0.1:8787/status",
+        "history": [{"command": "run"}, {"command": "update", "added": 10, "replaced": 1, "removed": 2, "featurized": 11}],
+    }
+    assert "last update    10 new, 1 replaced, 2 removed: 11 featurized, 139 rows in all" in summary(manifest).splitlines()
+    assert "last update" not in summary(manifest | {"history": manifest["history"][:1]})
