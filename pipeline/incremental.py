@@ -57,8 +57,8 @@ def update(
     output = source.full_url(out_fs, out)
     with job.output_errors(output):
         base = finished_manifest(out_fs, out, output)
-    s = dataclasses.replace(settings, **{key: base["settings"][key] for key in KEPT_SETTINGS}, input=input or base["input"])
-    s = dataclasses.replace(s, extensions=tuple(s.extensions))
+    kept = {key: base["settings"][key] for key in KEPT_SETTINGS} | {"extensions": tuple(base["settings"]["extensions"])}
+    s = dataclasses.replace(settings, **kept, input=input or base["input"])
     cluster.check_address(s.cluster)
     if s.report:
         job.check_report_writable(s.report, s.storage_options)

@@ -182,9 +182,10 @@ def resume_plan(fs, out: str, url: str, s: Settings, command: str = "run") -> tu
     now = resume_settings(s)
     changed = [f"{key} {plan['settings'][key]!r} there, {now[key]!r} now" for key in now if plan["settings"].get(key) != now[key]]
     if changed:
+        again = "pass --overwrite to start again" if command == "run" else f"delete {url}/{sink.STAGING} to give it up"
         raise UsageError(
-            f"the interrupted run in {url} had other settings ({'; '.join(changed)}): resume it with "
-            "the same settings, or pass --overwrite to start again"
+            f"the interrupted {command} in {url} had other settings ({'; '.join(changed)}): finish it with "
+            f"the same settings, or {again}"
         )
     listing_fs, root = source.open_url(s.input, s.storage_options)
     rows = sink.read_parquet(fs, f"{out}/{sink.LISTING}").to_pandas()
