@@ -120,27 +120,35 @@ def run(
         "model": {"name": s.model, "n_features": spec.n_features, "image_size": s.image_size,
                   "devices": sorted({part["device"] for part in staged if "device" in part})},
         "weights": {"requested": s.weights, "used": weights.used, "warning": weights.warning},
-        "counts": {
-            "listed": len(listing.rows),
-            "written": n_rows,
-            "failed": len(errors),
-            "skipped_non_images": listing.skipped,
-            "partitions": len(staged),
-            "partitions_resumed": sum(part["resumed"] for part in staged),
-        },
-        "pca": {"n_components": pca.n_components, "variance_kept": pca.variance_kept, "n_samples": pca.n_samples},
-        "timings_s": timings,
-        "worker_seconds": worker_seconds(staged),
-        "images_per_s": {
-            "featurize": featurized / timings["featurize"],
-            "list_to_output": featurized / sum(v for k, v in timings.items() if k != "cluster start"),
-        },
+        **outcome(listing, n_rows, len(errors), len(staged), staged, pca, timings, featurized),
         "dashboard": dashboard,
         "history": [{"command": "run", "input": s.input, "started": started.isoformat(), "finished": finished,
                      "listed": len(listing.rows), "featurized": len(listing.rows), "failed": len(errors)}],
     }
     sink.commit(out_fs, out, manifest)
     return manifest
+
+
+def outcome(listing: source.Listing, written: int, failed: int, partitions: int, staged: list[dict],
+            pca: reduce.Pca, timings: dict, featurized: int) -> dict:
+    """The manifest's figures of one command (a run or an update): counts, PCA, timings and speed."""
+    return {
+        "counts": {
+            "listed": len(listing.rows),
+            "written": written,
+            "failed": failed,
+            "skipped_non_images": listing.skipped,
+            "partitions": partitions,
+            "partitions_resumed": sum(part["resumed"] for part in staged),
+        },
+        "pca": {"n_components": pca.n_components, "variance_kept": pca.variance_kept, "n_samples": pca.n_samples},
+        "timings_s": timings,
+        "worker_seconds": worker_seconds(staged),
+        "images_per_s": {
+            "featurize": featurized / timings["featurize"] if featurized else 0.0,
+            "list_to_output": featurized / sum(v for k, v in timings.items() if k != "cluster start"),
+        },
+    }
 
 
 def existing_output(fs, out: str, url: str, resume: bool, overwrite: bool) -> str:
