@@ -161,23 +161,21 @@ def compare(listing: pd.DataFrame, rows: pd.DataFrame, errors: pd.DataFrame) -> 
     """
     known = dict(zip(rows.path, rows.identity))
     failed = {path: (identity, stage) for path, identity, stage in zip(errors.path, errors.identity, errors.stage)}
+    last_seen = {path: identity for path, (identity, _) in failed.items()} | known  # identity at the last version
     redo = [
-        path not in known and path not in failed
-        or path in known and known[path] != identity
-        or path in failed and failed[path] != (identity, "decode")
+        path not in last_seen or last_seen[path] != identity or failed.get(path, (None, "decode"))[1] != "decode"
         for path, identity in zip(listing.path, listing.identity)
     ]
     todo = listing[redo]
-    listed = set(listing.path)
-    gone = (set(known) | set(failed)) - listed
-    drop = frozenset(gone | (set(todo.path) & (set(known) | set(failed))))
+    seen_before = todo.path.isin(last_seen.keys())
+    gone = set(last_seen) - set(listing.path)
+    drop = frozenset(gone | set(todo.path[seen_before]))
     return Changes(
         featurize=todo,
         drop=drop,
         kept_errors=errors[~errors.path.isin(drop)],
-        added=int((~todo.path.isin(set(known) | set(failed))).sum()),
-        replaced=sum(1 for path, identity in zip(todo.path, todo.identity)
-                     if path in known and known[path] != identity or path in failed and failed[path][0] != identity),
+        added=int((~seen_before).sum()),
+        replaced=sum(last_seen[path] != identity for path, identity in zip(todo.path[seen_before], todo.identity[seen_before])),
         removed=len(gone),
     )
 

@@ -103,7 +103,7 @@ def run(
                 pca = reduce.fit(features, s.n_components, s.pca_batch_size, bar.update)
             pca.save(out_fs, f"{out}/{sink.STAGING}/{sink.PCA}")
         with stopwatch(timings, "project + write"):
-            parts = [(p["staged"], sink.part_name(index), frozenset()) for index, p in enumerate(staged)]
+            parts = [(p["staged"], sink.part_name(index), frozenset()) for index, p in enumerate(staged) if p["rows"]]
             write_output(client, parts, n_rows, out_fs, out, progress)
         dashboard = client.dashboard_link
     if isinstance(s.n_components, int) and pca.n_components < s.n_components:

@@ -128,8 +128,7 @@ def staged_summary(fs, path: str) -> dict:
 
 def staged_features(fs, path: str, width: int) -> np.ndarray:
     """The features of one staged partition, for the PCA fit."""
-    with fs.open(path, "rb") as f:
-        return matrix(pq.ParquetFile(f).read(columns=["features"])["features"], width)
+    return matrix(read_parquet(fs, path, columns=["features"])["features"], width)
 
 
 def finish_partition(
