@@ -121,7 +121,7 @@ def fit(features: da.Array, n_components: int | float, batch_size: int | None, p
     with warnings.catch_warnings():
         silence_first_batch_warning()
         for batch in gen_batches(n_rows, batch_size, min_batch_size=rank):
-            model.partial_fit(features[batch])
+            model.partial_fit(one_block(features[batch]))
             progress(batch.stop - batch.start)
     return Pca.of(model, n_components)
 
@@ -138,9 +138,16 @@ def update(pca: Pca, features: da.Array, n_components: int | float, batch_size: 
     n_rows, width = features.shape
     model = pca.model(rank=min(pca.n_samples + n_rows, width))
     for batch in gen_batches(n_rows, batch_size or 5 * width):
-        model.partial_fit(features[batch])
+        model.partial_fit(one_block(features[batch]))
         progress(batch.stop - batch.start)
     return Pca.of(model, n_components)
+
+
+def one_block(batch: da.Array) -> da.Array:
+    """The batch as a single block: its SVD is then one LAPACK call on one worker, not a tall-skinny
+    QR over blocks of fewer rows than features, which is slower and holds more (README, PCA fit).
+    """
+    return batch.rechunk({0: -1})
 
 
 def silence_first_batch_warning() -> None:
