@@ -9,6 +9,7 @@ go on fitting with the features of new images alone.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 from typing import Callable
@@ -118,8 +119,7 @@ def fit(features: da.Array, n_components: int | float, batch_size: int | None, p
     rank = min(n_rows, width)
     batch_size = max(batch_size or 5 * width, rank)
     model = IncrementalPCA(n_components=rank, svd_solver="full", batch_size=batch_size)
-    with warnings.catch_warnings():
-        silence_first_batch_warning()
+    with expected_warnings_hidden():
         for batch in gen_batches(n_rows, batch_size, min_batch_size=rank):
             model.partial_fit(one_block(features[batch]))
             progress(batch.stop - batch.start)
@@ -137,9 +137,10 @@ def update(pca: Pca, features: da.Array, n_components: int | float, batch_size: 
     """
     n_rows, width = features.shape
     model = pca.model(rank=min(pca.n_samples + n_rows, width))
-    for batch in gen_batches(n_rows, batch_size or 5 * width):
-        model.partial_fit(one_block(features[batch]))
-        progress(batch.stop - batch.start)
+    with expected_warnings_hidden():
+        for batch in gen_batches(n_rows, batch_size or 5 * width):
+            model.partial_fit(one_block(features[batch]))
+            progress(batch.stop - batch.start)
     return Pca.of(model, n_components)
 
 
@@ -150,18 +151,23 @@ def one_block(batch: da.Array) -> da.Array:
     return batch.rechunk({0: -1})
 
 
-def silence_first_batch_warning() -> None:
-    """Hide the 0/0 warning dask-ml's variance update raises on its first batch, here and on the workers.
+@contextlib.contextmanager
+def expected_warnings_hidden():
+    """Hide two warnings dask-ml's steps give by design, here and (for good) on the workers.
 
-    It divides by the previous sample count (0 on the first batch), then overwrites those values;
-    the result is right (tested against an exact PCA) but each run would print a warning.
+    Its first variance update divides by the previous sample count, 0, then overwrites those
+    values: the result is right (tested against an exact PCA). And each step's graph carries the
+    axes fitted so far (13 MB at 1,280 features), which distributed warns of at every step.
     """
-    ignore = dict(action="ignore", message="invalid value encountered in divide", category=RuntimeWarning)
-    warnings.filterwarnings(**ignore)
-    try:
-        distributed.get_client().run(warnings.filterwarnings, **ignore)
-    except ValueError:  # no distributed client: the fit runs in this process
-        pass
+    first_batch = dict(action="ignore", message="invalid value encountered in divide", category=RuntimeWarning)
+    with warnings.catch_warnings():
+        warnings.filterwarnings(**first_batch)
+        warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
+        try:
+            distributed.get_client().run(warnings.filterwarnings, **first_batch)
+        except ValueError:  # no distributed client: the fit runs in this process
+            pass
+        yield
 
 
 def components_for(ratios: np.ndarray, n_components: int | float) -> int:

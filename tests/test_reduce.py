@@ -105,3 +105,15 @@ def test_an_update_of_fewer_rows_than_components_still_counts_every_row():
     exact = PCA(svd_solver="full").fit(rows[:53].astype(np.float64))
     assert pca.n_samples == 53
     np.testing.assert_allclose(pca.explained_variance_ratio, exact.explained_variance_ratio_, rtol=1e-5)
+
+
+def test_a_fit_on_a_cluster_prints_no_warning_of_dask_ml_by_design(dask_cluster, recwarn):
+    """Its first step's 0/0 and the fitted axes carried in each step's graph (13 MB here) are expected."""
+    from distributed import Client
+
+    rows = np.random.default_rng(0).normal(size=(3000, 1280)).astype(np.float32)
+    with Client(dask_cluster):
+        pca = reduce.fit(da.from_array(rows, chunks=(256, -1)), 10, 1500)
+        pca = reduce.update(pca, da.from_array(rows[:1500], chunks=(256, -1)), 10, None)
+    assert [str(w.message) for w in recwarn] == []
+    assert pca.n_samples == 4500 and pca.components.shape == (1280, 1280)
