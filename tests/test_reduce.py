@@ -107,6 +107,7 @@ def test_an_update_of_fewer_rows_than_components_still_counts_every_row():
     np.testing.assert_allclose(pca.explained_variance_ratio, exact.explained_variance_ratio_, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_fit_on_a_cluster_prints_no_warning_of_dask_ml_by_design(dask_cluster, recwarn):
     """Its first step's 0/0 and the fitted axes carried in each step's graph (13 MB here) are expected."""
     from distributed import Client
