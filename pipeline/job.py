@@ -87,8 +87,9 @@ def run(
         if s.report:
             stack.enter_context(performance_report(filename=s.report, storage_options=s.storage_options))
         key = featurize.ModelKey(s.model, s.image_size, weights.used, s.seed)
+        moments = reduce.MomentsSum(client, out_fs, spec.n_features, s.images_per_partition)
         with stopwatch(timings, "featurize"):
-            staged = stage_features(client, listing, key, s, out_fs, out, progress, resources)
+            staged = stage_features(client, listing, key, s, out_fs, out, progress, resources, moments.add)
         n_rows = sum(part["rows"] for part in staged)
         errors = [error for part in staged for error in part["errors"]]
         sink.write_parquet(out_fs, f"{out}/{sink.STAGING}/{sink.ERRORS}", sink.errors_table(errors))
@@ -98,9 +99,9 @@ def run(
                 f"{output}/{sink.STAGING}/{sink.ERRORS}): the PCA needs at least 2"
             )
         with stopwatch(timings, "pca fit"):
-            features = reduce.staged_matrix(out_fs, [p["staged"] for p in staged], [p["rows"] for p in staged], spec.n_features)
             with progress_bar("pca fit", n_rows, progress) as bar:
-                pca = reduce.fit(features, s.n_components, s.pca_batch_size, bar.update)
+                pca = moments.pca(s.n_components)
+                bar.update(n_rows)
             pca.save(out_fs, f"{out}/{sink.STAGING}/{sink.PCA}")
         with stopwatch(timings, "project + write"):
             parts = [(p["staged"], sink.part_name(index), frozenset()) for index, p in enumerate(staged) if p["rows"]]
@@ -205,10 +206,12 @@ def resume_settings(s: Settings) -> dict:
     return json.loads(json.dumps({key: getattr(s, key) for key in RESUME_KEYS}))
 
 
-def stage_features(client, listing, key, s: Settings, out_fs, out: str, progress: bool, resources=None) -> list[dict]:
+def stage_features(client, listing, key, s: Settings, out_fs, out: str, progress: bool, resources=None,
+                   staged_one: Callable[[int, str], None] = lambda index, path: None) -> list[dict]:
     """Featurize every partition on the workers (those with `resources`) and stage its features, in order.
 
     Partitions an interrupted run already staged are not featurized again: their summary is read back.
+    `staged_one(index, path)` is called as each partition with rows is staged (or found staged).
     """
     sink.make_folder(out_fs, f"{out}/{sink.STAGED}")
     done = set(out_fs.find(f"{out}/{sink.STAGED}"))
@@ -231,6 +234,8 @@ def stage_features(client, listing, key, s: Settings, out_fs, out: str, progress
         for future, result in as_completed(futures, with_results=True):
             index, staged, n_images = futures[future]
             results[index] = result | {"staged": staged, "images": n_images, "resumed": staged in done}
+            if result["rows"]:
+                staged_one(index, staged)
             bar.update(n_images)
     return results
 
