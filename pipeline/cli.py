@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--n-components", help=f"components kept: an integer, or a fraction of variance such as 0.95 (default {default('n-components')})")
     run.add_argument("--image-size", help=f"model input side in pixels (default {default('image-size')})")
-    run.add_argument("--batch-size", help=f"images per model call (default {default('batch-size')})")
+    run.add_argument("--batch-size", help=f"images per model call; auto: 32 on a CPU, 256 on a GPU (default {default('batch-size')})")
     run.add_argument("--images-per-partition", help=f"images per Dask task (default {default('images-per-partition')})")
     run.add_argument("--pca-batch-size", help=f"rows per IncrementalPCA step; default 5 × features ({default('pca-batch-size')})")
     run.add_argument("--seed", help=f"seed of random weights (default {default('seed')})")
@@ -100,6 +100,8 @@ def where(command: argparse.ArgumentParser, input_help: str) -> None:
     command.add_argument("--input", help=input_help)
     command.add_argument("--output", help=f"folder or fsspec URL for the results (default {default('output')})")
     command.add_argument("--cluster", help=f"'local', a scheduler address tcp://host:8786, or a cluster file such as cluster/ec2-gpu.yaml (default {default('cluster')})")
+    command.add_argument("--backend", choices=list(config.BACKENDS), help="Keras 3's backend that runs the model on the workers "
+                         f"(default {default('backend')})")
     command.add_argument("--gpu", choices=["auto", "true", "false"], help="featurize on the workers declaring a GPU resource: "
                          f"auto (when any does), true (only there) or false (anywhere) (default {default('gpu')})")
     command.add_argument("--endpoint-url", help="S3 endpoint for input and output (MinIO, a local S3 server, another region)")
@@ -133,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         return write_evaluation(args.output, args.to, storage, args.json)
     quiet = args.quiet or args.json
     say = (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr, flush=True))
-    common = dict(output=args.output, cluster=args.cluster, report=args.report, gpu=args.gpu, storage_options=storage)
+    common = dict(output=args.output, cluster=args.cluster, report=args.report, gpu=args.gpu, backend=args.backend,
+                  storage_options=storage)
     try:
         with contextlib.redirect_stdout(sys.stderr):  # stdout holds the summary or the JSON alone
             if args.command == "update":
@@ -214,7 +217,8 @@ def summary(manifest: dict) -> str:
         *([f"last update    {last['added']} new, {last['replaced']} replaced, {last['removed']} removed: "
            f"{last['featurized']} featurized, {counts['written']} rows in all"] if last.get("command") == "update" else []),
         f"PCA            {pca['n_components']} components keep {pca['variance_kept']:.1%} of the variance",
-        f"weights        {weights['used']}" + (f"  WARNING: {weights['warning']}" if weights["warning"] else ""),
+        f"weights        {weights['used']}" + (f" (seed {manifest['settings']['seed']})" if weights["used"] == "random" else "")
+        + (", not ImageNet's: they could not be downloaded" if weights["warning"] else ""),
         f"output         {manifest['output']}",
         f"dashboard      {manifest['dashboard']}",
     ]
