@@ -212,8 +212,10 @@ def summary(manifest: dict) -> str:
     lines = [
         f"images listed  {counts['listed']}  (non-image files skipped: {counts['skipped_non_images']})",
         f"images failed  {counts['failed']}" + (f"  (see {manifest['output']}/errors.parquet)" if counts["failed"] else ""),
-        f"images/s       {speed['list_to_output']:.1f} from listing to output (cluster start excluded), "
-        f"{speed['featurize']:.1f} while featurizing",
+        *([f"images/s       {speed['list_to_output']:.1f} from listing to output (cluster start excluded), "
+           f"{speed['featurize']:.1f} while featurizing"] if last.get("command") != "update" else
+          [f"images/s       {speed['featurize']:.1f} while featurizing the {last['featurized']} images of the last update, "
+           f"{speed['list_to_output']:.1f} from its listing to output"]),
         *([f"last update    {last['added']} new, {last['replaced']} replaced, {last['removed']} removed: "
            f"{last['featurized']} featurized, {counts['written']} rows in all"] if last.get("command") == "update" else []),
         f"PCA            {pca['n_components']} components keep {pca['variance_kept']:.1%} of the variance",

@@ -24,7 +24,7 @@ from . import featurize, reduce, sink, source
 from .config import Settings, UsageError
 
 log = logging.getLogger("pipeline")
-PACKAGES = ["dask", "distributed", "dask-ml", "scikit-learn", "tensorflow", "keras", "numpy",
+PACKAGES = ["dask", "distributed", "dask-ml", "scikit-learn", "keras", "tensorflow", "jax", "jaxlib", "torch", "numpy",
             "pillow", "pyarrow", "fsspec", "s3fs"]
 SECRET_OPTIONS = ("key", "secret", "token", "password")
 
