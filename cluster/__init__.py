@@ -120,6 +120,12 @@ def local_gpus() -> int:
     return len(visible_gpus())
 
 
+def size(client: Client) -> dict[str, int]:
+    """The cluster's worker processes and their threads in all, for the manifest (a plan's rate per worker)."""
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    return {"workers": len(workers), "threads": sum(worker["nthreads"] for worker in workers)}
+
+
 def featurize_resources(client: Client, gpu: str | bool) -> dict | None:
     """The worker resources featurize tasks ask for: a GPU share, or None to run anywhere.
 

@@ -68,8 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     where(incremental, input_help="fsspec URL or folder of images (default: the input the output was made from)")
     clusters = commands.add_parser("cluster", help="cluster files: plan what one would start, clean up what a killed run left")
     actions = clusters.add_subparsers(dest="action", required=True, parser_class=Parser)
-    plan = actions.add_parser("plan", help="print the instances, their cost per hour and the settings of a cluster file; launches nothing")
-    plan.add_argument("file", help="a cluster file, e.g. cluster/ec2-gpu.yaml")
+    plan = actions.add_parser("plan", help="print the instances, their cost per hour and the settings of cluster files, "
+                              "and with --images what featurizing that many would take and cost; launches nothing")
+    plan.add_argument("file", nargs="+", help="cluster files, e.g. cluster/ec2-gpu.yaml; several with --images: side by side")
+    plan.add_argument("--images", metavar="N", help="estimate the hours and USD of featurizing N images")
+    plan.add_argument("--from", dest="rate_from", metavar="OUTPUT", help="a finished run's --output whose images/s per worker "
+                      "to plan with (default: the measured rates of cluster/rates.yaml)")
     cleanup = actions.add_parser("cleanup", help="list the EC2 instances and security groups that pipeline runs left in the file's region")
     cleanup.add_argument("file", help="an EC2 cluster file (for its region)")
     cleanup.add_argument("--run", help="only this run id (printed when the run started)")
@@ -189,12 +193,12 @@ def write_evaluation(output: str, folder: str | None, storage: dict, as_json: bo
 
 
 def cluster_command(args: argparse.Namespace) -> int:
-    """`cluster plan FILE` and `cluster cleanup FILE [--run ID] [--yes]`."""
+    """`cluster plan FILE... [--images N [--from OUTPUT]]` and `cluster cleanup FILE [--run ID] [--yes]`."""
     try:
         if args.action == "plan":
             from cluster.plan import plan
 
-            print(plan(args.file))
+            print(plan(args.file, args.images, args.rate_from))
         else:
             from cluster.ec2 import cleanup
 

@@ -94,6 +94,7 @@ def update(
         new = source.Listing(listing.fs, listing.root, changes.featurize.reset_index(drop=True), listing.skipped)
         with job.stopwatch(timings, "featurize"):
             staged = job.stage_features(client, new, key, s, out_fs, out, progress, cluster.featurize_resources(client, s.gpu))
+        workers = cluster.size(client)  # who featurized: `cluster plan --from` divides the rate by them
         new_errors = [error for part in staged for error in part["errors"]]
         errors = changes.kept_errors.to_dict("records") + new_errors
         sink.write_parquet(out_fs, f"{out}/{sink.STAGING}/{sink.ERRORS}", sink.errors_table(errors))
@@ -118,6 +119,7 @@ def update(
         "settings": job.public_settings(s),
         "versions": job.versions(),
         "model": base["model"] | {"devices": sorted(set(base["model"].get("devices", [])) | {p["device"] for p in staged if "device" in p})},
+        "cluster": workers,
         **job.outcome(listing, written, len(errors), len(parts), staged, pca, timings, featurized),
         "dashboard": dashboard,
         "history": base.get("history", []) + [entry],

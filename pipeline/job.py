@@ -89,6 +89,7 @@ def run(
         key = featurize.ModelKey(s.model, s.image_size, weights.used, s.seed, s.backend)
         with stopwatch(timings, "featurize"):
             staged = stage_features(client, listing, key, s, out_fs, out, progress, resources)
+        workers = cluster.size(client)  # who featurized: `cluster plan --from` divides the rate by them
         n_rows = sum(part["rows"] for part in staged)
         errors = [error for part in staged for error in part["errors"]]
         sink.write_parquet(out_fs, f"{out}/{sink.STAGING}/{sink.ERRORS}", sink.errors_table(errors))
@@ -120,6 +121,7 @@ def run(
         "model": {"name": s.model, "n_features": spec.n_features, "image_size": s.image_size,
                   "devices": sorted({part["device"] for part in staged if "device" in part})},
         "weights": {"requested": s.weights, "used": weights.used, "warning": weights.warning},
+        "cluster": workers,
         **outcome(listing, n_rows, len(errors), len(staged), staged, pca, timings, featurized),
         "dashboard": dashboard,
         "history": [{"command": "run", "input": s.input, "started": started.isoformat(), "finished": finished,
