@@ -143,7 +143,7 @@ def test_transient_storage_errors_are_retried_and_permanent_ones_recorded_at_onc
 
 def test_rerunning_onto_an_output_is_refused_unless_asked_to_overwrite_or_resume(tmp_path, dask_cluster):
     first = run(SAMPLE_DIR, tmp_path, dask_cluster, n_components=5)
-    with pytest.raises(UsageError, match="already holds the output of an earlier run: pass --resume"):
+    with pytest.raises(UsageError, match="already holds a finished output: pass --overwrite .* `python -m pipeline update"):
         run(SAMPLE_DIR, tmp_path, dask_cluster, n_components=7)
     again = run(SAMPLE_DIR, tmp_path, dask_cluster, n_components=7, overwrite=True)
     assert again["pca"]["n_components"] == 7 and first["started"] != again["started"]
