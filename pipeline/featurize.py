@@ -27,7 +27,7 @@ from . import images, sink, source
 from .config import UsageError
 
 KERAS_APPLICATIONS = "https://storage.googleapis.com/tensorflow/keras-applications/"
-CPU_BATCH_SIZE, GPU_BATCH_SIZE = 32, 256  # `batch-size: auto`: a GPU is filled at 256 (README, GPU)
+CPU_BATCH_SIZE, GPU_BATCH_SIZE = 32, 256  # `batch-size: auto`: a GPU is filled at 256 (docs/gpu.md)
 # Features of one image agree within this, relative to the largest feature of the images compared,
 # whatever the batch it shared, the partitioning, the CPU or the backend (README, "Features").
 FEATURE_TOLERANCE = 1e-4
