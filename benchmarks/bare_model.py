@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from concurrent.futures import ThreadPoolExecutor
 import pathlib
 import sys
 import time
@@ -40,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     timings = {}
     started = time.perf_counter()
     max_pixels = settings().max_image_pixels
-    arrays = [images.decode(path.read_bytes(), args.image_size, max_pixels) for path in image_paths(args.images, args.limit)]
+    with ThreadPoolExecutor() as pool:  # on every core, as a worker decodes
+        arrays = list(pool.map(lambda path: images.decode(path.read_bytes(), args.image_size, max_pixels),
+                               image_paths(args.images, args.limit)))
     timings["read + decode"] = time.perf_counter() - started
     if not arrays:
         sys.exit(f"error: no .jpg images under {args.images}")

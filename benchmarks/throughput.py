@@ -46,7 +46,7 @@ DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "fruits-360-apples"
 BUCKET, OUTPUT = "fruits", "out"
 FAKE_AWS = {"AWS_ACCESS_KEY_ID": "bench-key", "AWS_SECRET_ACCESS_KEY": "bench-secret", "AWS_DEFAULT_REGION": "us-east-1"}
 TIMEOUT_S = 3 * 3600
-GOALS = {"vs bare": 0.9, "vs spark": 3.0, "memory": 1.25}
+GOALS = {"vs bare": 0.9, "vs spark": 3.0, "memory": 1.25, "gpu stage": 0.8, "gpu busy": 80, "gpu rest": 20}
 # Start-up chatter of TensorFlow (C++ logs) and Spark (log4j, JVM), left out of the stderr shown.
 NOISE = ("I0000 ", "W0000 ", "E0000 ", "WARNING: All log messages before absl", "To enable the following instructions",
          "WARNING: Using incubator", "Using Spark's default", "Setting default log level", "To adjust logging level",
@@ -79,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backend", default="tensorflow", choices=["tensorflow", "jax", "torch"],
                         help="Keras backend of the pipeline and the bare model (default tensorflow)")
     parser.add_argument("--batch-size", default="auto", help="images per model call (default auto: 32 on CPU, 256 on GPU)")
+    parser.add_argument("--bare-limit", type=int, default=None,
+                        help="the bare model featurizes only the first N images (its rate needs no more)")
     parser.add_argument("--s3-limit", type=int, default=None,
                         help="the pipeline from S3 reads only the first N images (uploading many to moto is slow)")
     parser.add_argument("--no-spark", action="store_true", help="leave out the PySpark peer")
@@ -493,8 +495,24 @@ def print_data_path(runs: dict, bare: dict, cores: int) -> None:
         stage_s = manifest["timings_s"]["featurize"] / manifest["counts"]["listed"]
         cost = max(stage_s - bare_s, 0.0) * cores
         print(f"  {'from moto S3' if name == 'pipeline' else 'from the local folder':22} featurize stage "
-              f"{1 / stage_s:.0f} images/s ({stage_s / bare_s:.2f}× the bare model's time): {cost * 1e3:.2f} core-ms per image "
+              f"{1 / stage_s:.0f} images/s ({bare_s / stage_s:.2f}× the bare model's): {cost * 1e3:.2f} core-ms per image "
               f"around the model, {cost * 1e3:.1f} cores per 1,000 images/s")
+
+
+def gpu_goals(run: dict, bare: dict) -> list[tuple[str, str, bool]]:
+    """The GPU goals of a run from the local folder: featurize ≥ 0.8× the bare model, GPU ≥ 80% busy, the rest ≤ 20 s."""
+    manifest = run["manifest"]
+    stage = manifest["counts"]["listed"] / manifest["timings_s"]["featurize"]
+    ratio = stage / (bare["images"] / bare["seconds"])
+    start, end = featurize_window(manifest)
+    during = [util for at, util in run["gpu"] if start <= at <= end]
+    busy = sum(during) / len(during) if during else 0.0
+    rest = run["seconds"] - manifest["timings_s"]["featurize"]
+    return [
+        ("GPU: featurize stage images/s / bare model's", f"{ratio:.2f} (goal ≥ {GOALS['gpu stage']})", ratio >= GOALS["gpu stage"]),
+        ("GPU: utilisation during featurize", f"{busy:.0f}% (goal ≥ {GOALS['gpu busy']}%)", busy >= GOALS["gpu busy"]),
+        ("GPU: all but featurize, whole command", f"{rest:.1f} s (goal ≤ {GOALS['gpu rest']} s)", rest <= GOALS["gpu rest"]),
+    ]
 
 
 def print_processes(runs: list[tuple[str, dict]]) -> list[tuple[str, str, bool]]:
@@ -587,7 +605,8 @@ def main(argv: list[str] | None = None) -> int:
                                      pipeline_command("", str(folder), str(workdir / "out-local"), args, None))
     print(f"bare model on {n} images", flush=True)
     runs["bare"] = run_watched([sys.executable, str(REPO / "benchmarks" / "bare_model.py"), str(folder), "--model", args.model,
-                                "--image-size", str(args.image_size), "--backend", args.backend, "--batch-size", args.batch_size])
+                                "--image-size", str(args.image_size), "--backend", args.backend, "--batch-size", args.batch_size,
+                                *(["--limit", str(args.bare_limit)] if args.bare_limit else [])])
     runs["bare"]["result"] = last_json(runs["bare"]["stdout"])
     if runs["bare"]["rc"]:
         show_stderr("  bare model", runs["bare"]["stderr"])
@@ -608,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
     bare_speed = bare["images"] / bare["seconds"] if bare else None
     rows = []
     if bare:
-        rows.append(("bare model (decoded in memory)", n, bare["seconds"], runs["bare"]["memory"]["peak_total"]))
+        rows.append(("bare model (decoded in memory)", bare["images"], bare["seconds"], runs["bare"]["memory"]["peak_total"]))
     rows.append(("pipeline, moto S3 → parquet, whole command", len(s3_images), runs["pipeline"]["seconds"],
                  runs["pipeline"]["memory"]["peak_total"]))
     if "local" in runs and runs["local"]["rc"] == 0:
@@ -641,6 +660,8 @@ def main(argv: list[str] | None = None) -> int:
     if "spark" in runs and runs["spark"].get("result"):
         print("PySpark peer      " + ", ".join(f"{k} {v:.1f} s" for k, v in runs["spark"]["result"]["timings_s"].items())
               + f"; CPU seconds {runs['spark']['memory']['cpu']:.1f}")
+    if bare and runs.get("local", {}).get("gpu") and runs["local"]["manifest"]:
+        goals += gpu_goals(runs["local"], bare)
     memory_runs = [(f"{args.baseline} images", runs["baseline"])] if baseline else []
     goals += print_processes(memory_runs + [(f"{n} images", runs["pipeline"])])
 

@@ -12,6 +12,7 @@ import glob
 import hashlib
 import itertools
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -390,7 +391,14 @@ def visible_gpus() -> list[str]:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:  # "" or "-1": none; "0,2": those two
         return list(itertools.takewhile(lambda d: d not in ("", "-1"), (d.strip() for d in visible.split(","))))
-    return [str(i) for i in range(len(glob.glob("/proc/driver/nvidia/gpus/*")))]
+    found = len(glob.glob("/proc/driver/nvidia/gpus/*"))
+    if not found and os.path.exists("/dev/nvidiactl"):  # a sandbox may hide the driver's /proc folder
+        try:
+            listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+            found = sum(line.startswith("GPU ") for line in listed.splitlines())
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return [str(i) for i in range(found)]
 
 
 def batch_size_for(setting: int | str, gpu: bool) -> int:

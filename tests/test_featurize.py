@@ -90,8 +90,8 @@ def test_jax_and_torch_workers_give_tensorflows_features_and_never_import_tensor
     settings = pipeline.settings(output=str(tmp_path), weights="random", image_size=96, backend=backend, n_components=10)
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0") as cluster, Client(cluster) as client:
         manifest = pipeline.run(settings, client=client, progress=False, say=lambda message: None)
-        imported = client.run(lambda: sorted({name.split(".")[0] for name in sys.modules} & {"tensorflow", "jax", "torch"}))
-    assert list(imported.values()) == [[backend]]
+        [imported] = client.run(lambda: {name.split(".")[0] for name in sys.modules}).values()
+    assert backend in imported and "tensorflow" not in imported  # (Keras on torch imports jax for some helpers)
     assert manifest["settings"]["backend"] == backend and manifest["model"]["devices"] == [f"CPU, float32, {backend}"]
 
     rows = pd.read_parquet(tmp_path / "images.parquet").sort_values("path")
