@@ -603,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.local:
         runs["local"] = run_pipeline("pipeline from the local folder",
                                      pipeline_command("", str(folder), str(workdir / "out-local"), args, None))
-    print(f"bare model on {n} images", flush=True)
+    print(f"bare model on {min(n, args.bare_limit or n)} images", flush=True)
     runs["bare"] = run_watched([sys.executable, str(REPO / "benchmarks" / "bare_model.py"), str(folder), "--model", args.model,
                                 "--image-size", str(args.image_size), "--backend", args.backend, "--batch-size", args.batch_size,
                                 *(["--limit", str(args.bare_limit)] if args.bare_limit else [])])

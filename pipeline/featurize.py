@@ -236,8 +236,9 @@ class Featurizer:
         """Features of each image in order, and the seconds spent in the model (not waiting for it).
 
         Batches hold one image size and are padded to batch_size, so the model is compiled once
-        per image size. Every batch is sent before any result is fetched: a GPU is not stopped
-        to hand each batch back.
+        per image size. Every batch is sent before any result is fetched, and only sending holds
+        the process's model: on a GPU (which computes while Python goes on), the next partition's
+        batches are queued while this one's results come back.
         """
         import keras
 
@@ -254,10 +255,9 @@ class Featurizer:
                     batch = np.zeros((batch_size, *shape), dtype=np.uint8)
                     batch[: len(chunk)] = [arrays[i] for i in chunk]
                     sent.append((chunk, self.embed(batch)))
-            for chunk, features in sent:
-                out[chunk] = keras.ops.convert_to_numpy(features)[: len(chunk)]
-            seconds = time.perf_counter() - started
-        return out, seconds
+        for chunk, features in sent:
+            out[chunk] = keras.ops.convert_to_numpy(features)[: len(chunk)]
+        return out, time.perf_counter() - started
 
 
 def compiled(model, prepare: Callable, backend: str) -> Callable:
