@@ -279,10 +279,15 @@ class Recognizer:
         return features
 
     def answer(self, features: np.ndarray, k: int) -> list[Answer]:
-        """Label, probability and k nearest images for each row of features."""
-        queries = Queries([], (features - self.mean) @ self.kept.T)
-        labels, confidences = self.classifier.predict(queries.vectors)
-        nearest = self.nearest(queries, k)
+        """Label, probability and k nearest images for each row of features.
+
+        On one BLAS thread: OpenBLAS's threads spin for a while after each product, on the cores
+        TensorFlow needs next (measured: one image per call in 22 ms instead of 30 to 48).
+        """
+        with blas().limit(limits=1, user_api="blas"):
+            queries = Queries([], (features - self.mean) @ self.kept.T)
+            labels, confidences = self.classifier.predict(queries.vectors)
+            nearest = self.nearest(queries, k)
         return [
             Answer(str(label), float(confidence), tuple(Neighbour(str(p), str(l), float(d)) for p, l, d in zip(*row)))
             for label, confidence, *row in zip(labels, confidences, nearest.paths, nearest.labels, nearest.distances)
@@ -300,6 +305,14 @@ class Recognizer:
     def search(self, queries, k: int) -> list:
         """Futures of each part's k nearest rows to `queries` (an array, or a future of one)."""
         return [self.client.submit(part_nearest, self.fs, part, queries, k, len(self.kept)) for part in self.parts]
+
+
+@functools.cache
+def blas():
+    """This process's BLAS thread pools, to limit."""
+    import threadpoolctl
+
+    return threadpoolctl.ThreadpoolController()
 
 
 def model_key(manifest: dict) -> featurize.ModelKey:
