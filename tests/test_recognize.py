@@ -256,3 +256,20 @@ def test_a_folder_of_many_is_recognized_on_the_cluster_into_predictions_and_erro
     assert [[n["path"] for n in row] for row in rows.neighbours] == [[n["path"] for n in a["neighbours"]] for a in answered]
     errors = pd.read_parquet(written / "errors.parquet")
     assert errors[["path", "stage"]].values.tolist() == [["Apple Braeburn/broken.jpg", "decode"]]
+
+
+@pytest.mark.slow
+def test_an_s3_output_recognizes_photos_in_s3_and_keeps_its_classifier_there(sample_split, s3, s3_endpoint):
+    output, held_out = sample_split
+    s3.put(str(output) + "/", "fruits/out/", recursive=True)
+    s3.rm("fruits/out/recognizer.npz")  # the local one, if an earlier test trained it: this one must be trained in S3
+    photo = sorted(held_out.rglob("*.jpg"))[0]
+    s3.put(str(photo), "fruits/new/photo.jpg")
+
+    result = pipeline_recognize("s3://fruits/out", "s3://fruits/new/photo.jpg", "--endpoint-url", s3_endpoint, "--json")
+    assert result.returncode == 0, result.stderr
+    answer, = json.loads(result.stdout)["answers"]
+    assert answer["path"] == "s3://fruits/new/photo.jpg" and answer["label"].startswith("Apple ") and answer["error"] is None
+    assert s3.exists("fruits/out/recognizer.npz")
+    local, = recognize.Recognizer.load(str(output)).recognize([photo.read_bytes()])
+    assert answer["label"] == local.label and [n["path"] for n in answer["neighbours"]] == [n.path for n in local.neighbours]
