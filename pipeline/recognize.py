@@ -140,6 +140,14 @@ def trained_classifier(fs, root: str, manifest: dict, rows: Callable[[], "Refere
 
 
 @dataclasses.dataclass(frozen=True)
+class Queries:
+    """Images to recognize: their paths and PCA coordinates (n × k float32)."""
+
+    paths: list[str]
+    vectors: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
 class Nearest:
     """The k nearest images of some queries: q × k arrays, nearest first."""
 
@@ -202,12 +210,12 @@ def read_rows(fs, parts: list[str], width: int, fraction: float = 1.0) -> Refere
     return Reference(np.concatenate(paths), np.concatenate(labels), np.concatenate(vectors))
 
 
-def part_nearest(fs, part: str, queries: "Queries", k: int, width: int) -> Nearest:
+def part_nearest(fs, part: str, queries: Queries, k: int, width: int) -> Nearest:
     """The k nearest rows of one part of the output: one task of a search partition by partition."""
     return read_rows(fs, [part], width).nearest(queries.vectors, k)
 
 
-def reference_nearest(reference: Reference, queries: "Queries", k: int) -> Nearest:
+def reference_nearest(reference: Reference, queries: Queries, k: int) -> Nearest:
     """The k nearest rows of the output held whole (by a worker)."""
     return reference.nearest(queries.vectors, k)
 
@@ -293,7 +301,7 @@ class Recognizer:
             for label, confidence, *row in zip(labels, confidences, nearest.paths, nearest.labels, nearest.distances)
         ]
 
-    def nearest(self, queries: "Queries", k: int) -> Nearest:
+    def nearest(self, queries: Queries, k: int) -> Nearest:
         """The k nearest rows of the output: here, or part by part on the cluster above `in-process-rows`."""
         if self.in_process:
             return reference_nearest(self.reference, queries, k)
@@ -303,7 +311,7 @@ class Recognizer:
         return merged(self.client.gather(self.search(queries, k)), k)
 
     def search(self, queries, k: int) -> list:
-        """Futures of each part's k nearest rows to `queries` (an array, or a future of one)."""
+        """Futures of each part's k nearest rows to `queries` (Queries, or a future of them)."""
         return [self.client.submit(part_nearest, self.fs, part, queries, k, len(self.kept)) for part in self.parts]
 
 
@@ -334,14 +342,6 @@ def from_array(array: np.ndarray, size: int) -> np.ndarray:
 
 
 # --- a folder of many images, on the cluster ---------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Queries:
-    """Images to recognize: their paths and PCA coordinates (n × k float32)."""
-
-    paths: list[str]
-    vectors: np.ndarray
 
 
 def staged_queries(fs, path: str, projection: tuple[np.ndarray, np.ndarray]) -> Queries:
