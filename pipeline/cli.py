@@ -96,6 +96,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     finished_output_arguments(evaluate, "the files", "evaluation")
     evaluate.add_argument("--json", action="store_true", help="print evaluation.json on stdout instead of the summary")
+    recognize = commands.add_parser(
+        "recognize",
+        help="which fruit is in new photos: a label with its confidence, and the nearest images of a finished output",
+        description="Featurize the images with the output's own model, weights and image size, project them with its "
+        "PCA, and answer for each the label of a logistic regression trained on the output's PCA rows (the one evaluate "
+        "scores, saved as OUTPUT/recognizer.npz), its probability, and the nearest images of the output in PCA space. "
+        f"Up to {default('recognize.in-process-images')} images are answered in this process; a folder or prefix of more "
+        "runs on the cluster and writes predictions.parquet and errors.parquet to OUTPUT/predictions/.",
+    )
+    recognize.add_argument("output", metavar="OUTPUT", help="the --output of a finished run: folder or fsspec URL")
+    recognize.add_argument("images", metavar="IMAGE", nargs="+", help="image files, folders or fsspec URLs (s3://bucket/photo.jpg, s3://bucket/prefix)")
+    recognize.add_argument("--neighbours", help=f"nearest images answered with each label (default {default('recognize.neighbours')})")
+    recognize.add_argument("--to", metavar="FOLDER", help="where a folder of many images writes its predictions (default OUTPUT/predictions/)")
+    recognize.add_argument("--cluster", help=f"where a folder of many images is featurized, as for run (default {default('cluster')})")
+    recognize.add_argument("--endpoint-url", help="S3 endpoint of the output and the images (MinIO, a local S3 server, another region)")
+    recognize.add_argument("--anon", action="store_true", help="read a public bucket without credentials")
+    recognize.add_argument("--json", action="store_true", help="print the answers (or what was written) as JSON on stdout")
     return parser
 
 
@@ -137,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         return write_report(args.output, args.to, storage)
     if args.command == "evaluate":
         return write_evaluation(args.output, args.to, storage, args.json)
+    if args.command == "recognize":
+        return recognize_images(args, storage)
     quiet = args.quiet or args.json
     say = (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr, flush=True))
     common = dict(output=args.output, cluster=args.cluster, report=args.report, gpu=args.gpu, backend=args.backend,
@@ -189,6 +208,21 @@ def write_evaluation(output: str, folder: str | None, storage: dict, as_json: bo
         print(json.dumps(scores, indent=2, ensure_ascii=False))
     else:
         print("\n".join([*evaluate.summary(scores), f"written    {written[0]}", *(f"           {path}" for path in written[1:])]))
+    return 0
+
+
+def recognize_images(args: argparse.Namespace, storage: dict) -> int:
+    """`pipeline recognize`: print each image's label and nearest images, or what a folder of many wrote."""
+    from . import recognize  # TensorFlow is imported only to featurize
+
+    say = (lambda message: None) if args.json else (lambda message: print(message, file=sys.stderr, flush=True))
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # stdout holds the answers alone
+            result = recognize.command(args.output, args.images, to=args.to, neighbours=args.neighbours, storage_options=storage,
+                                       cluster_address=args.cluster, say=say, progress=not args.json)
+    except config.UsageError as error:
+        fail(str(error))
+    print(json.dumps(result, indent=2, ensure_ascii=False) if args.json else "\n".join(recognize.summary(result)))
     return 0
 
 
