@@ -283,7 +283,8 @@ class Recognizer:
         if not arrays:
             return np.zeros((0, len(self.mean)), np.float32)
         model = featurize.featurizer(self.key, self.storage_options)
-        features, _ = model(arrays, min(len(arrays), dask.config.get("pipeline.batch-size")))
+        batch = featurize.batch_size_for(config.settings().batch_size, model.on_gpu)
+        features, _ = model(arrays, min(len(arrays), batch))
         return features
 
     def answer(self, features: np.ndarray, k: int) -> list[Answer]:
