@@ -1,15 +1,16 @@
 """The floor: the pipeline's model on images already decoded in memory, nothing else.
 
 Decodes the images exactly as the workers do (pipeline.images.decode), builds the pipeline's
-Featurizer (same CNN, input size, batch, weights and TensorFlow threads), runs one warm-up batch,
+Featurizer (same CNN, backend, input size, batch, weights and threads), runs one warm-up batch,
 then times featurizing every image. Prints a JSON line on stdout.
 
-    .venv/bin/python benchmarks/bare_model.py IMAGES_FOLDER [--limit N]
+    .venv/bin/python benchmarks/bare_model.py IMAGES_FOLDER [--limit N] [--backend jax] [--batch-size 256]
 """
 from __future__ import annotations
 
 import argparse
 import json
+from concurrent.futures import ThreadPoolExecutor
 import pathlib
 import sys
 import time
@@ -30,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="only the first N images (sorted by path)")
     parser.add_argument("--model", default="mobilenet_v2")
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", default="auto", help="images per model call, or auto (the pipeline's rule)")
+    parser.add_argument("--backend", default="tensorflow", choices=["tensorflow", "jax", "torch"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -39,21 +41,23 @@ def main(argv: list[str] | None = None) -> int:
     timings = {}
     started = time.perf_counter()
     max_pixels = settings().max_image_pixels
-    arrays = [images.decode(path.read_bytes(), args.image_size, max_pixels) for path in image_paths(args.images, args.limit)]
+    with ThreadPoolExecutor() as pool:  # on every core, as a worker decodes
+        arrays = list(pool.map(lambda path: images.decode(path.read_bytes(), args.image_size, max_pixels),
+                               image_paths(args.images, args.limit)))
     timings["read + decode"] = time.perf_counter() - started
     if not arrays:
         sys.exit(f"error: no .jpg images under {args.images}")
 
     started = time.perf_counter()
-    featurize.configure_tensorflow()
-    model = featurize.Featurizer(featurize.ModelKey(args.model, args.image_size, "random", args.seed), {})
-    model(arrays[: args.batch_size], args.batch_size)  # builds the graph once, as a worker's first batch does
+    model = featurize.Featurizer(featurize.ModelKey(args.model, args.image_size, "random", args.seed, args.backend), {})
+    batch = featurize.batch_size_for("auto" if args.batch_size == "auto" else int(args.batch_size), model.on_gpu)
+    model(arrays[:batch], batch)  # compiles the model once, as a worker's first batch does
     timings["model build + first batch"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    features, _ = model(arrays, args.batch_size)
+    features, _ = model(arrays, batch)
     seconds = time.perf_counter() - started
-    print(json.dumps({"images": len(arrays), "seconds": seconds, "timings_s": timings,
+    print(json.dumps({"images": len(arrays), "seconds": seconds, "timings_s": timings, "batch_size": batch, "device": model.device,
                       "features_finite": bool(features.size and (features == features).all())}))
     return 0
 

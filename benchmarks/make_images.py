@@ -10,6 +10,8 @@ the source's layout (Training/<label>/<name>.jpg), so labels and splits come out
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import os
 import pathlib
 import sys
 
@@ -46,11 +48,20 @@ def variant(image: Image.Image, number: int, seed: int) -> Image.Image:
     return image.crop((left, top, left + crop_w, top + crop_h)).resize((width, height), Image.Resampling.BILINEAR)
 
 
-def make_images(source: pathlib.Path, target: pathlib.Path, count: int) -> int:
-    """Write `count` images under `target` (made from the photos under `source`); returns bytes written."""
+def make_images(source: pathlib.Path, target: pathlib.Path, count: int, workers: int | None = None) -> int:
+    """Write `count` images under `target` (made from the photos under `source`), on every core; returns bytes written."""
     photos = source_images(source)
+    workers = workers or len(os.sched_getaffinity(0))
+    chunks = [range(start, min(start + 1000, count)) for start in range(0, count, 1000)]
+    with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+        return sum(pool.map(write_images, [(source, target, photos, chunk) for chunk in chunks]))
+
+
+def write_images(job: tuple[pathlib.Path, pathlib.Path, list[pathlib.Path], range]) -> int:
+    """Write images number `indexes` of the set; returns bytes written (one task of make_images)."""
+    source, target, photos, indexes = job
     written = 0
-    for index in range(count):
+    for index in indexes:
         photo = photos[index % len(photos)]
         number = index // len(photos)
         relative = photo.relative_to(source)

@@ -67,9 +67,8 @@ def start_spark(cores: int, driver_memory: str):
 def seeded_weights(model: str, image_size: int, seed: int) -> list:
     """The pipeline's seeded random weights for `model` (ImageNet is not reachable here), as arrays."""
     sys.path.insert(0, str(REPO))
-    from pipeline.featurize import Featurizer, ModelKey, configure_tensorflow
+    from pipeline.featurize import Featurizer, ModelKey
 
-    configure_tensorflow()
     return Featurizer(ModelKey(model, image_size, "random", seed), {}).model.get_weights()
 
 

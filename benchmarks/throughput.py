@@ -15,6 +15,11 @@ the pipeline also runs on the first --baseline of them, to compare each process'
     .venv/bin/python benchmarks/throughput.py                 # the 2,134 apples (about 4 minutes on 2 cores)
     .venv/bin/python benchmarks/throughput.py --count 20000   # 20,000 made from them (about 25 minutes)
     .venv/bin/python benchmarks/throughput.py --limit 300 --no-spark   # a quick try
+    .venv/bin/python benchmarks/throughput.py --count 20000 --local --no-spark --image-size 32   # the data path
+
+With --image-size 32 the model is cheap and everything around it (read, decode, stage,
+scheduling) is what limits the pipeline: the "data path" lines say how many cores a worker
+needs per 1,000 images/s of it, which is what a GPU worker must bring.
 
 Needs the `test` extra (moto) and, for the PySpark peer, the `bench` extra (pyspark) and Java 17+.
 Exit code 0 if every check passes, 1 otherwise (a missed speed goal is reported, not a failure).
@@ -41,7 +46,7 @@ DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "fruits-360-apples"
 BUCKET, OUTPUT = "fruits", "out"
 FAKE_AWS = {"AWS_ACCESS_KEY_ID": "bench-key", "AWS_SECRET_ACCESS_KEY": "bench-secret", "AWS_DEFAULT_REGION": "us-east-1"}
 TIMEOUT_S = 3 * 3600
-GOALS = {"vs bare": 0.9, "vs spark": 3.0, "memory": 1.25}
+GOALS = {"vs bare": 0.9, "vs spark": 3.0, "memory": 1.25, "gpu stage": 0.8, "gpu busy": 80, "gpu rest": 20}
 # Start-up chatter of TensorFlow (C++ logs) and Spark (log4j, JVM), left out of the stderr shown.
 NOISE = ("I0000 ", "W0000 ", "E0000 ", "WARNING: All log messages before absl", "To enable the following instructions",
          "WARNING: Using incubator", "Using Spark's default", "Setting default log level", "To adjust logging level",
@@ -69,6 +74,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="with --count: also run the pipeline on this many, to compare peak memory (default 2000)")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N images (sorted by path)")
     parser.add_argument("--model", default="mobilenet_v2", help="CNN of all three (default mobilenet_v2)")
+    parser.add_argument("--image-size", type=int, default=224,
+                        help="model input side (default 224); 32 makes the model cheap, so the data path is measured")
+    parser.add_argument("--backend", default="tensorflow", choices=["tensorflow", "jax", "torch"],
+                        help="Keras backend of the pipeline and the bare model (default tensorflow)")
+    parser.add_argument("--batch-size", default="auto", help="images per model call (default auto: 32 on CPU, 256 on GPU)")
+    parser.add_argument("--bare-limit", type=int, default=None,
+                        help="the bare model featurizes only the first N images (its rate needs no more)")
+    parser.add_argument("--s3-limit", type=int, default=None,
+                        help="the pipeline from S3 reads only the first N images (uploading many to moto is slow)")
     parser.add_argument("--no-spark", action="store_true", help="leave out the PySpark peer")
     parser.add_argument("--local", action="store_true",
                         help="also run the pipeline from the local folder the PySpark peer reads")
@@ -179,6 +193,51 @@ class TreeWatch:
         return {"peak_total": self.peak_total, "processes": ordered, "cpu": sum(p.get("cpu", 0) for p in ordered)}
 
 
+class GpuWatch:
+    """GPU utilisation (%) sampled by nvidia-smi every 200 ms while a command runs, with the time of each sample."""
+
+    def __init__(self):
+        self.samples: list[tuple[float, float]] = []
+        self.process = None
+        if shutil.which("nvidia-smi"):
+            self.process = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "200"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            threading.Thread(target=self.read, daemon=True).start()
+
+    def read(self) -> None:
+        for line in self.process.stdout:
+            values = [float(v) for v in line.split(",") if v.strip().replace(".", "", 1).isdigit()]
+            if values:
+                self.samples.append((time.time(), sum(values) / len(values)))  # the mean over the machine's GPUs
+
+    def finish(self) -> list[tuple[float, float]]:
+        if self.process:
+            self.process.terminate()
+            self.process.wait(10)
+        return self.samples
+
+
+def featurize_window(manifest: dict) -> tuple[float, float]:
+    """Start and end (epoch seconds) of a run's featurize stage, from its manifest's start and stage times."""
+    from datetime import datetime
+
+    timings = manifest["timings_s"]
+    start = datetime.fromisoformat(manifest["started"]).timestamp() + timings.get("list", 0) + timings.get("cluster start", 0)
+    return start, start + timings["featurize"]
+
+
+def gpu_busy(run: dict) -> str:
+    """Mean GPU utilisation during the featurize stage, or why there is none."""
+    if not run.get("gpu"):
+        return "no GPU sampled (no nvidia-smi)"
+    start, end = featurize_window(run["manifest"])
+    during = [util for at, util in run["gpu"] if start <= at <= end]
+    if not during:
+        return "no sample inside the featurize stage"
+    return f"{sum(during) / len(during):.0f}% mean over {len(during)} samples (200 ms apart) during featurize"
+
+
 def describe(process, root) -> str:
     """A short name for a process of a benchmarked tree."""
     if process.pid == root.pid:
@@ -230,11 +289,12 @@ def show_stderr(what: str, stderr: str, last: int = 15) -> None:
         print(f"{what} stderr (last lines):\n  " + "\n  ".join(kept[-last:]), flush=True)
 
 
-def pipeline_command(endpoint: str, prefix: str, output: str, model: str, report: pathlib.Path | None) -> list[str]:
-    """The command line a user would type, with this interpreter, at the default settings."""
+def pipeline_command(endpoint: str, prefix: str, output: str, args: argparse.Namespace, report: pathlib.Path | None) -> list[str]:
+    """The command line a user would type, with this interpreter, at the default settings but the model's."""
     command = [
-        sys.executable, "-m", "pipeline", "run", "--input", prefix, "--output", output,
-        "--cluster", "local", "--model", model, "--weights", "random", "--n-components", "0.95", "--json", "--overwrite",
+        sys.executable, "-m", "pipeline", "run", "--input", prefix, "--output", output, "--cluster", "local",
+        "--model", args.model, "--image-size", str(args.image_size), "--backend", args.backend, "--batch-size", args.batch_size,
+        "--weights", "random", "--n-components", "0.95", "--json", "--overwrite",
     ]
     if endpoint:
         command += ["--endpoint-url", endpoint]
@@ -244,9 +304,11 @@ def pipeline_command(endpoint: str, prefix: str, output: str, model: str, report
 
 
 def run_pipeline(what: str, command: list[str]) -> dict:
-    """Run the pipeline as a user would and keep its manifest."""
+    """Run the pipeline as a user would and keep its manifest, and the GPU's utilisation where there is one."""
     print(f"{what}: {' '.join(repr(a) if ' ' in a else a for a in command)}", flush=True)
+    gpu = GpuWatch()
     run = run_watched(command)
+    run["gpu"] = gpu.finish()
     run["manifest"] = last_json(run["stdout"]) if run["rc"] == 0 else None
     print(f"  finished in {run['seconds']:.1f} s (exit code {run['rc']})", flush=True)
     show_stderr("  pipeline", run["stderr"])
@@ -398,19 +460,59 @@ def print_table(rows: list[tuple], bare_speed: float | None) -> None:
         print(table_row(what, n, seconds, bare_speed, memory))
 
 
-def print_breakdown(run: dict, moto_cpu: float | None) -> None:
+def print_breakdown(run: dict, moto_cpu: float | None, what: str = "pipeline from moto S3") -> None:
     """Where the pipeline's time went: stages (wall), worker seconds per step, CPU of its processes."""
     manifest = run["manifest"] or {}
     timings, workers = manifest.get("timings_s", {}), manifest.get("worker_seconds", {})
     inside = sum(timings.values())
-    print("\npipeline, where the time went (whole command " f"{run['seconds']:.1f} s):")
+    print(f"\n{what}, where the time went (whole command {run['seconds']:.1f} s):")
     print("  stages (wall s)   " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items())
           + f"; start-up and shut-down {run['seconds'] - inside:.1f}")
+    rest = run["seconds"] - timings.get("featurize", 0)
+    print(f"  all but featurize {rest:.1f} s (start-up, imports, listing, cluster, PCA, writing, shut-down)")
     print("  worker seconds    " + ", ".join(f"{k} {v:.1f}" for k, v in workers.items()) + " (summed over tasks)")
+    if run.get("gpu") is not None:
+        print(f"  GPU busy          {gpu_busy(run)}")
     print(f"  model ran on      {', '.join(manifest.get('model', {}).get('devices', [])) or '?'}")
     cpu = run["memory"]["cpu"]
     print(f"  CPU seconds       {cpu:.1f} by the pipeline's processes"
           + (f", {moto_cpu:.1f} by the moto S3 server (same cores)" if moto_cpu is not None else ""))
+
+
+def print_data_path(runs: dict, bare: dict, cores: int) -> None:
+    """What everything but the model costs: the featurize stage against the bare model, in cores per 1,000 images/s.
+
+    Both keep every core busy, so the difference of their seconds per image, times the cores, is
+    the core-seconds per image of reading, decoding and staging (and of the scheduling around them).
+    """
+    bare_s = bare["seconds"] / bare["images"]
+    print(f"\ndata path (the featurize stage against the bare model, {cores} cores, batch {bare['batch_size']}, "
+          f"{bare['device']}): bare model {1 / bare_s:.0f} images/s")
+    for name in ("pipeline", "local"):
+        manifest = runs.get(name, {}).get("manifest")
+        if not manifest:
+            continue
+        stage_s = manifest["timings_s"]["featurize"] / manifest["counts"]["listed"]
+        cost = max(stage_s - bare_s, 0.0) * cores
+        print(f"  {'from moto S3' if name == 'pipeline' else 'from the local folder':22} featurize stage "
+              f"{1 / stage_s:.0f} images/s ({bare_s / stage_s:.2f}× the bare model's): {cost * 1e3:.2f} core-ms per image "
+              f"around the model, {cost * 1e3:.1f} cores per 1,000 images/s")
+
+
+def gpu_goals(run: dict, bare: dict) -> list[tuple[str, str, bool]]:
+    """The GPU goals of a run from the local folder: featurize ≥ 0.8× the bare model, GPU ≥ 80% busy, the rest ≤ 20 s."""
+    manifest = run["manifest"]
+    stage = manifest["counts"]["listed"] / manifest["timings_s"]["featurize"]
+    ratio = stage / (bare["images"] / bare["seconds"])
+    start, end = featurize_window(manifest)
+    during = [util for at, util in run["gpu"] if start <= at <= end]
+    busy = sum(during) / len(during) if during else 0.0
+    rest = run["seconds"] - manifest["timings_s"]["featurize"]
+    return [
+        ("GPU: featurize stage images/s / bare model's", f"{ratio:.2f} (goal ≥ {GOALS['gpu stage']})", ratio >= GOALS["gpu stage"]),
+        ("GPU: utilisation during featurize", f"{busy:.0f}% (goal ≥ {GOALS['gpu busy']}%)", busy >= GOALS["gpu busy"]),
+        ("GPU: all but featurize, whole command", f"{rest:.1f} s (goal ≤ {GOALS['gpu rest']} s)", rest <= GOALS["gpu rest"]),
+    ]
 
 
 def print_processes(runs: list[tuple[str, dict]]) -> list[tuple[str, str, bool]]:
@@ -468,6 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     n_workers, threads = local_size(None, None)
     print(f"{n} images under {folder}; the pipeline's LocalCluster: {n_workers} worker process(es) × {threads} threads", flush=True)
 
+    s3_images = images[: args.s3_limit]
     checks: list[tuple[str, str, bool]] = []
     runs: dict[str, dict] = {}
     baseline = args.count and args.baseline and args.baseline < n
@@ -476,17 +579,17 @@ def main(argv: list[str] | None = None) -> int:
         import s3fs
 
         fs = s3fs.S3FileSystem(endpoint_url=endpoint)
-        upload_s = upload(fs, folder, images + others, "all")
-        print(f"moto S3 at {endpoint}: uploaded {n + len(others)} files in {upload_s:.0f} s", flush=True)
+        upload_s = upload(fs, folder, s3_images + others, "all")
+        print(f"moto S3 at {endpoint}: uploaded {len(s3_images) + len(others)} files in {upload_s:.0f} s", flush=True)
         if baseline:
             upload(fs, folder, images[: args.baseline], "baseline")
             runs["baseline"] = run_pipeline(f"pipeline on the first {args.baseline} images",
                                             pipeline_command(endpoint, f"s3://{BUCKET}/baseline", f"s3://{BUCKET}/out-baseline",
-                                                             args.model, None))
+                                                             args, None))
         cpu_before = time.process_time()
-        runs["pipeline"] = run_pipeline(f"pipeline on {n} images",
+        runs["pipeline"] = run_pipeline(f"pipeline on {len(s3_images)} images",
                                         pipeline_command(endpoint, f"s3://{BUCKET}/all", f"s3://{BUCKET}/{OUTPUT}",
-                                                         args.model, args.report))
+                                                         args, args.report))
         moto_cpu = time.process_time() - cpu_before  # this process only serves S3 (and polls) meanwhile
         if runs["pipeline"]["manifest"] is None:
             print(f"FAIL  the pipeline failed (exit code {runs['pipeline']['rc']}); stdout:\n{runs['pipeline']['stdout'][-3000:]}")
@@ -494,14 +597,16 @@ def main(argv: list[str] | None = None) -> int:
         output = read_output(fs, f"{BUCKET}/{OUTPUT}")
     finally:
         server.stop()
-    checks += check_manifest(runs["pipeline"], output, images, others) + check_table(output, images, n_features)
+    checks += check_manifest(runs["pipeline"], output, s3_images, others) + check_table(output, s3_images, n_features)
     checks += check_pca(output, n_features)
 
     if args.local:
         runs["local"] = run_pipeline("pipeline from the local folder",
-                                     pipeline_command("", str(folder), str(workdir / "out-local"), args.model, None))
-    print(f"bare model on {n} images", flush=True)
-    runs["bare"] = run_watched([sys.executable, str(REPO / "benchmarks" / "bare_model.py"), str(folder), "--model", args.model])
+                                     pipeline_command("", str(folder), str(workdir / "out-local"), args, None))
+    print(f"bare model on {min(n, args.bare_limit or n)} images", flush=True)
+    runs["bare"] = run_watched([sys.executable, str(REPO / "benchmarks" / "bare_model.py"), str(folder), "--model", args.model,
+                                "--image-size", str(args.image_size), "--backend", args.backend, "--batch-size", args.batch_size,
+                                *(["--limit", str(args.bare_limit)] if args.bare_limit else [])])
     runs["bare"]["result"] = last_json(runs["bare"]["stdout"])
     if runs["bare"]["rc"]:
         show_stderr("  bare model", runs["bare"]["stderr"])
@@ -522,8 +627,9 @@ def main(argv: list[str] | None = None) -> int:
     bare_speed = bare["images"] / bare["seconds"] if bare else None
     rows = []
     if bare:
-        rows.append(("bare model (decoded in memory)", n, bare["seconds"], runs["bare"]["memory"]["peak_total"]))
-    rows.append(("pipeline, moto S3 → parquet, whole command", n, runs["pipeline"]["seconds"], runs["pipeline"]["memory"]["peak_total"]))
+        rows.append(("bare model (decoded in memory)", bare["images"], bare["seconds"], runs["bare"]["memory"]["peak_total"]))
+    rows.append(("pipeline, moto S3 → parquet, whole command", len(s3_images), runs["pipeline"]["seconds"],
+                 runs["pipeline"]["memory"]["peak_total"]))
     if "local" in runs and runs["local"]["rc"] == 0:
         rows.append(("pipeline, local folder → parquet", n, runs["local"]["seconds"], runs["local"]["memory"]["peak_total"]))
     if "spark" in runs and runs["spark"]["rc"] == 0:
@@ -535,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"({load()} at the end; peak RSS: the process and its children, summed at the peak; "
           "the PySpark peer reads a local folder: Spark reads S3 only through the hadoop-aws jars)")
 
-    pipeline_speed = n / runs["pipeline"]["seconds"]
+    pipeline_speed = len(s3_images) / runs["pipeline"]["seconds"]
     goals = []
     if bare_speed:
         goals.append(("pipeline images/s / bare model's", f"{pipeline_speed / bare_speed:.2f} (goal ≥ {GOALS['vs bare']})",
@@ -544,12 +650,18 @@ def main(argv: list[str] | None = None) -> int:
         ratio = runs["spark"]["seconds"] / runs["pipeline"]["seconds"]
         goals.append(("pipeline images/s / PySpark peer's", f"{ratio:.2f} (goal ≥ {GOALS['vs spark']})", ratio >= GOALS["vs spark"]))
     print_breakdown(runs["pipeline"], moto_cpu)
+    if "local" in runs and runs["local"]["manifest"]:
+        print_breakdown(runs["local"], None, "pipeline from the local folder")
+    if bare:
+        print_data_path(runs, bare, n_workers * threads)
     if bare:
         print("bare model        " + ", ".join(f"{k} {v:.1f} s" for k, v in bare["timings_s"].items())
               + f", model {bare['seconds']:.1f} s; CPU seconds {runs['bare']['memory']['cpu']:.1f}")
     if "spark" in runs and runs["spark"].get("result"):
         print("PySpark peer      " + ", ".join(f"{k} {v:.1f} s" for k, v in runs["spark"]["result"]["timings_s"].items())
               + f"; CPU seconds {runs['spark']['memory']['cpu']:.1f}")
+    if bare and runs.get("local", {}).get("gpu") and runs["local"]["manifest"]:
+        goals += gpu_goals(runs["local"], bare)
     memory_runs = [(f"{args.baseline} images", runs["baseline"])] if baseline else []
     goals += print_processes(memory_runs + [(f"{n} images", runs["pipeline"])])
 

@@ -7,14 +7,17 @@
 from __future__ import annotations
 
 import contextlib
-import glob
-import itertools
+import logging
 import os
+import signal
+import socket
+import urllib.parse
 from typing import Callable, Iterator
 
 from distributed import Client, LocalCluster
 
 from pipeline.config import UsageError
+from pipeline.featurize import visible_gpus
 
 from . import spec as specs
 
@@ -22,6 +25,7 @@ SCHEDULER_PROTOCOLS = ("tcp://", "tls://", "ucx://", "inproc://")
 # Featurize tasks ask for half a GPU: two partitions at once per GPU worker, one in the model
 # (one inference at a time per process) while the other is read and decoded.
 FEATURIZE_GPU_SHARE = 0.5
+SCHEDULER_PROBE_S = 5  # how long a scheduler address may take to accept a connection before a run refuses it
 
 
 @contextlib.contextmanager
@@ -46,9 +50,24 @@ def connect(address: str, local: dict, say: Callable[[str], None] = lambda messa
     n_workers, threads = local_size(spec.n_workers, spec.threads_per_worker)
     with LocalCluster(
         n_workers=n_workers, threads_per_worker=threads, processes=True, dashboard_address=spec.dashboard_address,
-        resources={"GPU": 1} if local_gpus() else None,  # worker i drives GPU i (featurize.configure_tensorflow)
+        resources={"GPU": 1} if local_gpus() else None,  # worker i drives GPU i (featurize.import_keras)
     ) as cluster, Client(cluster) as client:
-        yield client
+        try:
+            yield client
+        except KeyboardInterrupt:
+            stop_at_once(cluster)
+            raise
+
+
+def stop_at_once(cluster: LocalCluster) -> None:
+    """On Ctrl-C: kill the worker processes now, and hide the cancelled tasks' log lines; staged work is kept.
+
+    A worker inside the model does not stop for its nanny, which waits seconds before killing it.
+    """
+    logging.getLogger("distributed").setLevel(logging.CRITICAL)
+    for nanny in cluster.workers.values():
+        with contextlib.suppress(ProcessLookupError, TypeError, AttributeError):
+            os.kill(nanny.pid, signal.SIGKILL)
 
 
 def check_address(address: str) -> None:
@@ -60,6 +79,22 @@ def check_address(address: str) -> None:
             f"unknown cluster {address!r}: use 'local', a scheduler address tcp://host:8786, "
             "or a cluster file such as cluster/ec2-gpu.yaml"
         )
+
+
+def check_reachable(address: str, timeout_s: float = SCHEDULER_PROBE_S) -> None:
+    """For a scheduler address, a TCP connection to its port within seconds, or a usage error: before any work starts."""
+    check_address(address)
+    if not address.startswith(("tcp://", "tls://")):
+        return
+    url = urllib.parse.urlsplit(address)
+    try:
+        with socket.create_connection((url.hostname, url.port or 8786), timeout=timeout_s):
+            pass
+    except (OSError, ValueError) as error:
+        raise UsageError(
+            f"no Dask scheduler answers at {address} ({type(error).__name__}: {error}): start one "
+            "(`dask scheduler`), check the address, or use --cluster local"
+        ) from None
 
 
 def on_this_machine(address: str) -> bool:
@@ -81,11 +116,14 @@ def local_size(n_workers: int | None, threads_per_worker: int | None, gpus: int 
 
 
 def local_gpus() -> int:
-    """NVIDIA GPUs this machine's processes may use, found without starting TensorFlow."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:  # "" or "-1": none; "0,2": those two
-        return len(list(itertools.takewhile(lambda d: d.strip() not in ("", "-1"), visible.split(","))))
-    return len(glob.glob("/proc/driver/nvidia/gpus/*"))
+    """NVIDIA GPUs this machine's processes may use, found without starting a backend."""
+    return len(visible_gpus())
+
+
+def size(client: Client) -> dict[str, int]:
+    """The cluster's worker processes and their threads in all, for the manifest (a plan's rate per worker)."""
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    return {"workers": len(workers), "threads": sum(worker["nthreads"] for worker in workers)}
 
 
 def featurize_resources(client: Client, gpu: str | bool) -> dict | None:

@@ -1,13 +1,63 @@
-"""`python -m pipeline cluster plan FILE`: what a cluster file would start and its cost per hour, launching nothing."""
+"""`python -m pipeline cluster plan FILE...`: what cluster files would start, their cost per hour and,
+with `--images N`, how long and how much featurizing N images would take on each; launches nothing.
+
+The estimate: featurize seconds = N / (images/s per worker × workers), plus the cluster start a
+run measured; cost = those hours × the USD/hour of every instance (cluster/prices.yaml). The rate
+per worker comes from a finished run (`--from OUTPUT`: its manifest's featurize images/s ÷ its
+workers), else from the measured rates of cluster/rates.yaml.
+"""
 from __future__ import annotations
 
+import dataclasses
+import glob
+import pathlib
+import textwrap
+
+import dask.config
 import yaml
 
-from . import local_size
+from pipeline.config import UsageError, positive_int
+
+from . import local_gpus, local_size
 from . import spec as specs
 
+RATES_FILE = pathlib.Path(__file__).with_name("rates.yaml")
+NOTE_WIDTH = 110  # characters per line of the notes under the estimates
 
-def plan(path: str) -> str:
+
+@dataclasses.dataclass(frozen=True)
+class Rate:
+    """Images/s one worker featurizes (None: not measured), where the figure comes from, and what it adds."""
+
+    per_worker: float | None
+    source: str
+    start_s: float = 0.0  # the cluster start that run measured, added to every estimate
+    gpu: bool | None = None  # measured on GPU workers; None: not said
+    threads: float | None = None  # threads per worker of the run measured; None: not said
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """Featurizing N images on one cluster file, with its fewest workers and with its most (adaptive ones differ)."""
+
+    workers: tuple[int, int]
+    hours: tuple[float, float] | None  # None: no measured rate
+    usd: tuple[float, float] | None  # None: no rate, or a type not in prices.yaml; 0 on this machine
+
+
+def plan(paths: list[str], images: str | None = None, output: str | None = None) -> str:
+    """One file: its plan, and its estimate with `images`; several: their estimates side by side."""
+    if output is not None and images is None:
+        raise UsageError("--from OUTPUT gives the rate of an estimate: add --images N (how many images to plan for)")
+    if images is None:
+        return "\n\n".join(describe(path) for path in paths)
+    n_images = positive_int("--images", images)
+    rate = measured_rate(output) if output is not None else None
+    table = estimates(paths, n_images, rate)
+    return table if len(paths) > 1 else f"{describe(paths[0])}\n\n{table}"
+
+
+def describe(path: str) -> str:
     """The instances, their hourly price estimate and every setting in force, as text."""
     spec = specs.load(path)
     settings = yaml.safe_dump(specs.settings(spec), sort_keys=False, allow_unicode=True)
@@ -26,6 +76,188 @@ def plan(path: str) -> str:
         "settings",
         indent(settings),
     ])
+
+
+def estimates(paths: list[str], n_images: int, rate: Rate | None) -> str:
+    """Hours, USD and USD per million images of featurizing `n_images` on each cluster file, with the rates' sources."""
+    rows = [("cluster file", "workers", "images/s per worker", "hours", "USD", "USD per million images")]
+    notes = [f"rate: {rate.source}"] if rate else []
+    for path in paths:
+        spec = specs.load(path)
+        file_rate = rate or table_rate(spec)
+        rows.append(table_row(path, spec, file_rate, estimate(spec, n_images, file_rate), n_images))
+        notes += [f"{path}: {note}" for note in file_notes(spec, file_rate, measured=rate is not None)]
+    prices = specs.prices()
+    notes.append(f"prices: on-demand, Linux, {prices['region']}, as of {prices['as-of']} (cluster/prices.yaml); "
+                 "disks, data transfer and S3 requests not included")
+    head = (f"featurizing {n_images:,} images: the featurize stage (read, decode, model) only; "
+            "listing, the PCA fit and writing come after it")
+    notes = [textwrap.fill(note, NOTE_WIDTH, initial_indent="  ", subsequent_indent="    ") for note in notes]
+    return "\n".join([head, "", indent(columns(rows)), "", *notes])
+
+
+def estimate(spec: specs.Local | specs.Ec2, n_images: int, rate: Rate) -> Estimate:
+    """Wall hours = (start + N / (rate per worker × workers)) / 3600; USD = hours × USD/hour of every instance."""
+    counts = worker_range(spec)
+    if rate.per_worker is None or counts[1] == 0:
+        return Estimate(counts, None, None)
+    hours = tuple((rate.start_s + n_images / (rate.per_worker * k)) / 3600 for k in counts)
+    hourly = hourly_prices(spec)
+    usd = None if hourly is None else tuple(h * (hourly[0] + k * hourly[1]) for h, k in zip(hours, counts))
+    return Estimate(counts, hours, usd)
+
+
+def worker_range(spec: specs.Local | specs.Ec2) -> tuple[int, int]:
+    """The fewest and the most workers featurizing: an adaptive cluster's minimum (at least one) and maximum."""
+    if isinstance(spec, specs.Local):
+        n_workers = local_size(spec.n_workers, spec.threads_per_worker)[0]
+        return n_workers, n_workers
+    workers = spec.workers
+    if workers.maximum is None:
+        return workers.n_workers, workers.n_workers
+    return max(workers.minimum or 0, 1), workers.maximum
+
+
+def hourly_prices(spec: specs.Local | specs.Ec2) -> tuple[float, float] | None:
+    """USD/hour of the scheduler and of one worker: 0 on this machine, None for a type not in prices.yaml."""
+    if isinstance(spec, specs.Local):
+        return 0.0, 0.0
+    known = specs.prices()["instances"]
+    types = (spec.scheduler.instance_type, spec.workers.instance_type)
+    if any(name not in known for name in types):
+        return None
+    return tuple(known[name]["usd-per-hour"] for name in types)
+
+
+def worker_hardware(spec: specs.Local | specs.Ec2) -> tuple[int | None, bool]:
+    """Threads per worker (None: not known) and whether each worker has a GPU."""
+    if isinstance(spec, specs.Local):
+        return local_size(spec.n_workers, spec.threads_per_worker)[1], local_gpus() > 0
+    info = specs.prices()["instances"].get(spec.workers.instance_type, {})
+    return spec.workers.threads or info.get("vcpus"), spec.workers.gpu
+
+
+def measured_rate(output: str) -> Rate:
+    """The images/s per worker of a finished run: its featurize images/s ÷ its worker processes (manifest.json)."""
+    from pipeline import report, source  # pandas and matplotlib load only for --from
+
+    fs, root = source.open_url(output, dict(dask.config.get("pipeline.storage-options") or {}))
+    url = source.full_url(fs, root)
+    manifest = report.finished_manifest(fs, root, url)
+    size = manifest.get("cluster") or {}
+    if not size.get("workers"):
+        raise UsageError(
+            f"{url}/manifest.json does not say how many workers featurized (it was written before the manifest "
+            "recorded `cluster`): give the output of a newer run, or plan without --from"
+        )
+    speed = manifest["images_per_s"]["featurize"]
+    if not speed:
+        raise UsageError(f"{url}: its last command featurized no image, so it measured no rate: give the output of one that did")
+    workers, threads = size["workers"], size["threads"]
+    devices = manifest["model"].get("devices") or []
+    start = manifest["timings_s"].get("cluster start", 0.0)
+    source_text = (
+        f"{url} featurized {speed:.1f} images/s (manifest images_per_s.featurize) on {workers} worker(s) with "
+        f"{threads} thread(s) in all ({', '.join(devices) or 'devices not recorded'}): {speed / workers:.1f} per worker; "
+        f"plus its cluster start, {start:.1f} s"
+    )
+    gpu = any(device.startswith("GPU") for device in devices) if devices else None
+    return Rate(speed / workers, source_text, start, gpu, threads / workers)
+
+
+def table_rate(spec: specs.Local | specs.Ec2) -> Rate:
+    """The rate per worker of cluster/rates.yaml for this cluster's workers; per_worker None where none was measured."""
+    rates = yaml.safe_load(RATES_FILE.read_text())
+    if isinstance(spec, specs.Local):
+        if local_gpus():
+            return gpu_rate(rates, local_gpu_model(), "this machine")
+        threads = local_size(spec.n_workers, spec.threads_per_worker)[1]
+        core = rates["cpu-core"]
+        return Rate(core["images-per-s"] * threads, f"{core['images-per-s']} images/s per core × {threads} thread(s), "
+                    f"from cluster/rates.yaml ({core['what']}; {core['source']}); another CPU will differ")
+    instance = spec.workers.instance_type
+    if instance in rates["instances"]:
+        entry = rates["instances"][instance]
+        return Rate(entry["images-per-s"], f"{instance}: {entry['what']}; {entry['source']}")
+    gpu = specs.prices()["instances"].get(instance, {}).get("gpu")
+    if spec.workers.gpu and gpu:
+        return gpu_rate(rates, gpu, instance)
+    return Rate(None, f"no measured rate for {instance} workers in cluster/rates.yaml: give --from OUTPUT, a run on them")
+
+
+def gpu_rate(rates: dict, gpu: str, where: str) -> Rate:
+    """The measured rate of one GPU worker on `gpu`, or none (the GPUs measured are named)."""
+    entry = rates["gpus"].get(gpu)
+    if entry is None:
+        return Rate(None, f"no measured rate for the {gpu} of {where} in cluster/rates.yaml (it has "
+                          f"{', '.join(rates['gpus'])}): give --from OUTPUT, a run on it")
+    return Rate(entry["images-per-s"], f"{entry['images-per-s']} images/s per {gpu} worker, from cluster/rates.yaml "
+                                       f"({entry['what']}; {entry['source']})")
+
+
+def local_gpu_model() -> str:
+    """The name the NVIDIA driver gives this machine's first GPU (e.g. NVIDIA H200), read without CUDA."""
+    for information in sorted(glob.glob("/proc/driver/nvidia/gpus/*/information")):
+        for line in pathlib.Path(information).read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name.strip() == "Model":
+                return value.strip()
+    return "GPU"
+
+
+def table_row(path: str, spec: specs.Local | specs.Ec2, rate: Rate, result: Estimate, n_images: int) -> tuple[str, ...]:
+    """One line of the estimates table."""
+    threads = worker_hardware(spec)[0]
+    workers = span(result.workers, str) + (f" ({threads} threads)" if threads else "")
+    if result.hours is None:
+        return (path, workers, "no measured rate" if rate.per_worker is None else "-", "?", "?", "?")
+    if isinstance(spec, specs.Local):
+        usd, per_million = "0 (this machine)", "0"
+    elif result.usd is None:
+        usd, per_million = "? (type not priced)", "?"
+    else:
+        usd, per_million = span(result.usd, number), span([cost / n_images * 1e6 for cost in result.usd], number)
+    return (path, workers, number(rate.per_worker), span(result.hours, number), usd, per_million)
+
+
+def file_notes(spec: specs.Local | specs.Ec2, rate: Rate, measured: bool) -> list[str]:
+    """What a reader of one file's estimate must know: where its rate comes from, and what it assumes."""
+    notes = [] if measured else [rate.source]
+    low, high = worker_range(spec)
+    if high == 0:
+        notes.append("it starts no workers (`workers.n-workers: 0`): nothing would be featurized")
+    if low != high:
+        notes.append(f"adaptive: the range goes from {high} workers (fastest) to {low}")
+    threads, gpu = worker_hardware(spec)
+    if measured and ((rate.gpu is not None and rate.gpu != gpu) or (threads and rate.threads and threads != rate.threads)):
+        notes.append(f"its workers ({threads or '?'} threads, {'GPU' if gpu else 'CPU'}) are not the run's "
+                     f"({rate.threads:g} threads, {'GPU' if rate.gpu else 'CPU'}): the estimate assumes each featurizes as fast")
+    if isinstance(spec, specs.Ec2):
+        notes.append("instances' boot and image pull: not measured, not included" if not measured else
+                     "the cluster start is the run's, not this cluster's boot (instances, image pull: not measured)")
+        if spec.spot:
+            notes.append("spot workers: priced on demand here; spot usually costs much less")
+        if hourly_prices(spec) is None:
+            notes.append("an instance type not in cluster/prices.yaml: no cost")
+    return notes
+
+
+def columns(rows: list[tuple[str, ...]]) -> str:
+    """Rows as left-aligned columns."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+
+
+def span(values, fmt) -> str:
+    """`a` or `a-b`, smallest first, as `fmt` writes each."""
+    ordered = sorted(values)
+    low, high = fmt(ordered[0]), fmt(ordered[-1])
+    return low if low == high else f"{low}-{high}"
+
+
+def number(value: float) -> str:
+    """Three significant digits, or whole numbers with thousands separators from 100 up."""
+    return f"{value:,.0f}" if value >= 100 else f"{value:#.3g}"
 
 
 def instance_table(spec: specs.Ec2) -> str:
@@ -55,8 +287,7 @@ def instance_table(spec: specs.Ec2) -> str:
             cost[key] += price * counts[key]
     total = f"{cost['now']:.2f}" + (f" (adapts {cost['low']:.2f} to {cost['high']:.2f})" if adaptive else "")
     rows.append(("total", "", "", "", "", "", "", total + (" + types not in the table" if unknown else "")))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+    return columns(rows)
 
 
 def price_note(spec: specs.Ec2) -> str:

@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--n-components", help=f"components kept: an integer, or a fraction of variance such as 0.95 (default {default('n-components')})")
     run.add_argument("--image-size", help=f"model input side in pixels (default {default('image-size')})")
-    run.add_argument("--batch-size", help=f"images per model call (default {default('batch-size')})")
+    run.add_argument("--batch-size", help=f"images per model call; auto: 32 on a CPU, 256 on a GPU (default {default('batch-size')})")
     run.add_argument("--images-per-partition", help=f"images per Dask task (default {default('images-per-partition')})")
     run.add_argument("--pca-batch-size", help=f"rows per IncrementalPCA step; default 5 × features ({default('pca-batch-size')})")
     run.add_argument("--seed", help=f"seed of random weights (default {default('seed')})")
@@ -68,8 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     where(incremental, input_help="fsspec URL or folder of images (default: the input the output was made from)")
     clusters = commands.add_parser("cluster", help="cluster files: plan what one would start, clean up what a killed run left")
     actions = clusters.add_subparsers(dest="action", required=True, parser_class=Parser)
-    plan = actions.add_parser("plan", help="print the instances, their cost per hour and the settings of a cluster file; launches nothing")
-    plan.add_argument("file", help="a cluster file, e.g. cluster/ec2-gpu.yaml")
+    plan = actions.add_parser("plan", help="print the instances, their cost per hour and the settings of cluster files, "
+                              "and with --images what featurizing that many would take and cost; launches nothing")
+    plan.add_argument("file", nargs="+", help="cluster files, e.g. cluster/ec2-gpu.yaml; several with --images: side by side")
+    plan.add_argument("--images", metavar="N", help="estimate the hours and USD of featurizing N images")
+    plan.add_argument("--from", dest="rate_from", metavar="OUTPUT", help="a finished run's --output whose images/s per worker "
+                      "to plan with (default: the measured rates of cluster/rates.yaml)")
     cleanup = actions.add_parser("cleanup", help="list the EC2 instances and security groups that pipeline runs left in the file's region")
     cleanup.add_argument("file", help="an EC2 cluster file (for its region)")
     cleanup.add_argument("--run", help="only this run id (printed when the run started)")
@@ -92,6 +96,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     finished_output_arguments(evaluate, "the files", "evaluation")
     evaluate.add_argument("--json", action="store_true", help="print evaluation.json on stdout instead of the summary")
+    recognize = commands.add_parser(
+        "recognize",
+        help="which fruit is in new photos: a label with its confidence, and the nearest images of a finished output",
+        description="Featurize the images with the output's own model, weights and image size, project them with its "
+        "PCA, and answer for each the label of a logistic regression trained on the output's PCA rows (the one evaluate "
+        "scores, saved as OUTPUT/recognizer.npz), its probability, and the nearest images of the output in PCA space. "
+        f"Up to {default('recognize.in-process-images')} images are answered in this process; a folder or prefix of more "
+        "runs on the cluster and writes predictions.parquet and errors.parquet to OUTPUT/predictions/.",
+    )
+    recognize.add_argument("output", metavar="OUTPUT", help="the --output of a finished run: folder or fsspec URL")
+    recognize.add_argument("images", metavar="IMAGE", nargs="+", help="image files, folders or fsspec URLs (s3://bucket/photo.jpg, s3://bucket/prefix)")
+    recognize.add_argument("--neighbours", help=f"nearest images answered with each label (default {default('recognize.neighbours')})")
+    recognize.add_argument("--to", metavar="FOLDER", help="where a folder of many images writes its predictions (default OUTPUT/predictions/)")
+    recognize.add_argument("--cluster", help=f"where a folder of many images is featurized, as for run (default {default('cluster')})")
+    recognize.add_argument("--endpoint-url", help="S3 endpoint of the output and the images (MinIO, a local S3 server, another region)")
+    recognize.add_argument("--anon", action="store_true", help="read a public bucket without credentials")
+    recognize.add_argument("--json", action="store_true", help="print the answers (or what was written) as JSON on stdout")
     return parser
 
 
@@ -100,6 +121,8 @@ def where(command: argparse.ArgumentParser, input_help: str) -> None:
     command.add_argument("--input", help=input_help)
     command.add_argument("--output", help=f"folder or fsspec URL for the results (default {default('output')})")
     command.add_argument("--cluster", help=f"'local', a scheduler address tcp://host:8786, or a cluster file such as cluster/ec2-gpu.yaml (default {default('cluster')})")
+    command.add_argument("--backend", choices=list(config.BACKENDS), help="Keras 3's backend that runs the model on the workers "
+                         f"(default {default('backend')})")
     command.add_argument("--gpu", choices=["auto", "true", "false"], help="featurize on the workers declaring a GPU resource: "
                          f"auto (when any does), true (only there) or false (anywhere) (default {default('gpu')})")
     command.add_argument("--endpoint-url", help="S3 endpoint for input and output (MinIO, a local S3 server, another region)")
@@ -131,9 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         return write_report(args.output, args.to, storage)
     if args.command == "evaluate":
         return write_evaluation(args.output, args.to, storage, args.json)
+    if args.command == "recognize":
+        return recognize_images(args, storage)
     quiet = args.quiet or args.json
     say = (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr, flush=True))
-    common = dict(output=args.output, cluster=args.cluster, report=args.report, gpu=args.gpu, storage_options=storage)
+    common = dict(output=args.output, cluster=args.cluster, report=args.report, gpu=args.gpu, backend=args.backend,
+                  storage_options=storage)
     try:
         with contextlib.redirect_stdout(sys.stderr):  # stdout holds the summary or the JSON alone
             if args.command == "update":
@@ -185,13 +211,28 @@ def write_evaluation(output: str, folder: str | None, storage: dict, as_json: bo
     return 0
 
 
+def recognize_images(args: argparse.Namespace, storage: dict) -> int:
+    """`pipeline recognize`: print each image's label and nearest images, or what a folder of many wrote."""
+    from . import recognize  # TensorFlow is imported only to featurize
+
+    say = (lambda message: None) if args.json else (lambda message: print(message, file=sys.stderr, flush=True))
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # stdout holds the answers alone
+            result = recognize.command(args.output, args.images, to=args.to, neighbours=args.neighbours, storage_options=storage,
+                                       cluster_address=args.cluster, say=say, progress=not args.json)
+    except config.UsageError as error:
+        fail(str(error))
+    print(json.dumps(result, indent=2, ensure_ascii=False) if args.json else "\n".join(recognize.summary(result)))
+    return 0
+
+
 def cluster_command(args: argparse.Namespace) -> int:
-    """`cluster plan FILE` and `cluster cleanup FILE [--run ID] [--yes]`."""
+    """`cluster plan FILE... [--images N [--from OUTPUT]]` and `cluster cleanup FILE [--run ID] [--yes]`."""
     try:
         if args.action == "plan":
             from cluster.plan import plan
 
-            print(plan(args.file))
+            print(plan(args.file, args.images, args.rate_from))
         else:
             from cluster.ec2 import cleanup
 
@@ -209,12 +250,15 @@ def summary(manifest: dict) -> str:
     lines = [
         f"images listed  {counts['listed']}  (non-image files skipped: {counts['skipped_non_images']})",
         f"images failed  {counts['failed']}" + (f"  (see {manifest['output']}/errors.parquet)" if counts["failed"] else ""),
-        f"images/s       {speed['list_to_output']:.1f} from listing to output (cluster start excluded), "
-        f"{speed['featurize']:.1f} while featurizing",
+        *([f"images/s       {speed['list_to_output']:.1f} from listing to output (cluster start excluded), "
+           f"{speed['featurize']:.1f} while featurizing"] if last.get("command") != "update" else
+          [f"images/s       {speed['featurize']:.1f} while featurizing the {last['featurized']} images of the last update, "
+           f"{speed['list_to_output']:.1f} from its listing to output"]),
         *([f"last update    {last['added']} new, {last['replaced']} replaced, {last['removed']} removed: "
            f"{last['featurized']} featurized, {counts['written']} rows in all"] if last.get("command") == "update" else []),
         f"PCA            {pca['n_components']} components keep {pca['variance_kept']:.1%} of the variance",
-        f"weights        {weights['used']}" + (f"  WARNING: {weights['warning']}" if weights["warning"] else ""),
+        f"weights        {weights['used']}" + (f" (seed {manifest['settings']['seed']})" if weights["used"] == "random" else "")
+        + (", not ImageNet's: they could not be downloaded" if weights["warning"] else ""),
         f"output         {manifest['output']}",
         f"dashboard      {manifest['dashboard']}",
     ]

@@ -10,6 +10,7 @@ import yaml
 
 DEFAULTS_FILE = pathlib.Path(__file__).with_name("pipeline.yaml")
 SAMPLE_DIR = pathlib.Path(__file__).with_name("sample") / "fruits-360"
+BACKENDS = ("tensorflow", "jax", "torch")  # Keras 3's
 
 dask.config.update_defaults(yaml.safe_load(DEFAULTS_FILE.read_text()))
 
@@ -32,8 +33,9 @@ class Settings:
     images_per_partition: int
     max_image_pixels: int
     model: str
+    backend: str
     image_size: int
-    batch_size: int
+    batch_size: int | str
     weights: str
     seed: int
     n_components: int | float
@@ -58,8 +60,13 @@ def settings(**overrides: Any) -> Settings:
         values["input"] = str(SAMPLE_DIR)
     values["extensions"] = tuple(e.lower().lstrip(".") for e in values["extensions"])
     values["n_components"] = parse_n_components(values["n_components"])
-    for name in ("images_per_partition", "max_image_pixels", "image_size", "batch_size", "seed"):
+    for name in ("images_per_partition", "max_image_pixels", "image_size", "seed"):
         values[name] = positive_int(name, values[name], allow_zero=name == "seed")
+    if str(values["batch_size"]).strip().lower() == "auto":
+        values["batch_size"] = "auto"
+    else:
+        values["batch_size"] = positive_int("batch_size", values["batch_size"], also="or auto")
+    values["backend"] = parse_backend(values["backend"])
     if values["pca_batch_size"] is not None:
         values["pca_batch_size"] = positive_int("pca_batch_size", values["pca_batch_size"])
     values["storage_options"] = dict(values["storage_options"] or {})
@@ -91,12 +98,20 @@ def parse_gpu(value: Any) -> str | bool:
     raise UsageError(f"`gpu` must be auto, true or false, got {value!r}")
 
 
-def positive_int(name: str, value: Any, allow_zero: bool = False) -> int:
-    """`value` as an int, or a UsageError naming the setting."""
+def parse_backend(value: Any) -> str:
+    """Keras 3's backend that featurizes: tensorflow, jax or torch."""
+    text = str(value).strip().lower()
+    if text in BACKENDS:
+        return text
+    raise UsageError(f"`backend` must be one of {', '.join(BACKENDS)}, got {value!r}")
+
+
+def positive_int(name: str, value: Any, allow_zero: bool = False, also: str = "") -> int:
+    """`value` as an int, or a UsageError naming the setting (and `also`, what else it may be)."""
     try:
         number = int(value)
     except (TypeError, ValueError):
         number = -1
     if number < 0 or (number == 0 and not allow_zero) or str(number) != str(value).strip():
-        raise UsageError(f"`{name.replace('_', '-')}` must be a positive integer, got {value!r}")
+        raise UsageError(f"`{name.replace('_', '-')}` must be a positive integer{' ' + also if also else ''}, got {value!r}")
     return number

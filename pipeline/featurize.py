@@ -1,16 +1,25 @@
 """Features: the CNN registry, weights, a model cached per worker process, batched inference.
 
-TensorFlow is imported inside functions: the client lists, validates and reports without it.
+Keras and its backend (TensorFlow, JAX or PyTorch: the `backend` setting) are imported inside
+functions, on the workers: the client lists, validates and reports without them.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
+import glob
 import hashlib
+import itertools
 import os
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -19,6 +28,10 @@ from . import images, sink, source
 from .config import UsageError
 
 KERAS_APPLICATIONS = "https://storage.googleapis.com/tensorflow/keras-applications/"
+CPU_BATCH_SIZE, GPU_BATCH_SIZE = 32, 256  # `batch-size: auto`: a GPU is filled at 256 (docs/gpu.md)
+# Features of one image agree within this, relative to the largest feature of the images compared,
+# whatever the batch it shared, the partitioning, the CPU or the backend (README, "Features").
+FEATURE_TOLERANCE = 1e-4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +63,17 @@ class ModelKey:
     image_size: int
     weights: str  # "imagenet", "random" or a path/URL of a weights file
     seed: int
+    backend: str = "tensorflow"  # Keras 3's: tensorflow, jax or torch
+
+
+def features_agree(a: np.ndarray, b: np.ndarray, tolerance: float = FEATURE_TOLERANCE) -> bool:
+    """True if two feature matrices agree as the pipeline promises: within `tolerance` of b's largest feature.
+
+    The same image shares its batch with other images when partitioned otherwise, and CPUs and
+    backends order their sums differently: its features move in the last bits (measured: 2.6e-6
+    of the largest feature, README "Features"), never more than this.
+    """
+    return a.shape == b.shape and float(np.abs(a - b).max(initial=0)) <= tolerance * float(np.abs(b).max(initial=0))
 
 
 def model_spec(name: str) -> ModelSpec:
@@ -67,7 +91,7 @@ class Weights:
     """The weights a run actually uses, and why (the warning shown when ImageNet was not available)."""
 
     used: str  # "imagenet", "random" or the weights file's URL
-    warning: str | None = None
+    warning: str | None = None  # one line: why ImageNet's were not used
 
 
 def resolve_weights(model: str, weights: str, seed: int, storage_options: dict) -> Weights:
@@ -76,24 +100,46 @@ def resolve_weights(model: str, weights: str, seed: int, storage_options: dict) 
         return Weights("random")
     if weights in ("imagenet", "auto"):
         try:
-            imagenet_weights_file(model)
+            download_imagenet_weights(model)
             return Weights("imagenet")
-        except Exception as error:  # any download failure: no network, proxy, TLS, HTTP error
+        except OSError as error:  # no network, proxy, TLS, HTTP error, no room on disk
             if weights == "imagenet":
                 raise UsageError(
                     f"ImageNet weights for {model} cannot be downloaded ({error}). Offline, copy "
                     f"{KERAS_APPLICATIONS}{MODELS[model].imagenet_file} to a folder or bucket and "
                     f"pass --weights PATH, or pass --weights random for seeded untrained features"
                 ) from None
-            return Weights(
-                "random",
-                f"ImageNet weights for {model} could not be downloaded ({error}); "
-                f"features come from seeded random weights (seed {seed}), not from ImageNet",
-            )
+            return Weights("random", f"no ImageNet weights ({type(error).__name__}): seeded random weights (seed {seed}) instead")
     fs, path = source.open_url(weights, storage_options)
     if not fs.isfile(path):
         raise UsageError(f"weights file {weights} not found: give an .h5 weights file, 'imagenet' or 'random'")
     return Weights(weights)
+
+
+def keras_cache_file(model: str) -> str:
+    """Where Keras keeps the model's ImageNet no-top weights once downloaded (keras.utils.get_file's place)."""
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    return os.path.join(home, "models", MODELS[model].imagenet_file.rsplit("/", 1)[1])
+
+
+def download_imagenet_weights(model: str) -> None:
+    """Download the ImageNet weights into Keras' cache unless there; without Keras, so the client starts no backend.
+
+    The workers of this machine then find them there; other machines' workers download their own.
+    """
+    local = keras_cache_file(model)
+    if os.path.exists(local):
+        return
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    partial = f"{local}.{os.getpid()}.part"
+    try:
+        with urllib.request.urlopen(KERAS_APPLICATIONS + MODELS[model].imagenet_file, timeout=30) as response, open(partial, "wb") as f:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+        os.replace(partial, local)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
 
 
 def imagenet_weights_file(model: str) -> str:
@@ -145,23 +191,22 @@ _inference_lock = threading.Lock()  # one inference thread per process: the othe
 class Featurizer:
     """A model that maps uint8 images of any size to float32 features, in fixed-size batches.
 
-    On a GPU it computes in float16 with float32 weights (Keras mixed precision), which tensor
-    cores run faster: features stay within 1e-2 of float32's (tests/test_featurize.py). The gain
-    is unmeasured with TensorFlow; for MobileNetV2 on an H200 through Keras' jax and torch
-    backends there was none (README, GPU). On a CPU, where float16 is slower, it computes in
-    float32. `mixed_precision` forces either.
+    Written once against Keras 3 (`keras.ops`, `keras.applications`): the same model, weights,
+    preprocessing and in-graph resize run on TensorFlow, JAX or PyTorch; only `compiled()`
+    differs per backend. On a GPU it computes in float16 with float32 weights (Keras mixed
+    precision), which tensor cores (a T4's, say) run faster; features stay within 1e-2 of
+    float32's (tests/test_featurize.py). On a CPU it computes in float32. `mixed_precision`
+    forces either.
     """
 
     def __init__(self, key: ModelKey, storage_options: dict, mixed_precision: bool | None = None):
-        import keras
-        import tensorflow as tf
-
+        keras = import_keras(key.backend)
         spec = MODELS[key.model]
         size = key.image_size
-        on_gpu = bool(tf.config.list_logical_devices("GPU"))
-        mixed_precision = on_gpu if mixed_precision is None else mixed_precision
+        self.on_gpu = on_gpu(key.backend)
+        mixed_precision = self.on_gpu if mixed_precision is None else mixed_precision
         self.precision = "mixed_float16" if mixed_precision else "float32"
-        self.device = f"{'GPU' if on_gpu else 'CPU'}, {self.precision}"  # for the manifest
+        self.device = f"{'GPU' if self.on_gpu else 'CPU'}, {self.precision}, {key.backend}"  # for the manifest
         policy = keras.config.dtype_policy()
         keras.config.set_dtype_policy(self.precision)  # read by each layer as it is built
         try:
@@ -178,78 +223,189 @@ class Featurizer:
             model.load_weights(local_weights_file(key.weights, storage_options))
         preprocess = getattr(keras.applications, spec.module).preprocess_input
 
-        # One trace for every batch: images arrive at any size and are resized here, batched,
-        # which costs the model's cores less than resizing one by one with Pillow.
-        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
-        def embed(batch):
-            pixels = tf.image.resize(tf.cast(batch, tf.float32), (size, size))
-            return tf.cast(model(preprocess(pixels), training=False), tf.float32)
+        # Images arrive at any size and are resized here, batched, which costs the model's cores
+        # less than resizing one by one with Pillow.
+        def prepare(batch):
+            return preprocess(keras.ops.image.resize(keras.ops.cast(batch, "float32"), (size, size)))
 
         self.model = model
-        self.embed = embed
+        self.embed = compiled(model, prepare, key.backend)
         self.n_features = spec.n_features
 
     def __call__(self, arrays: list[np.ndarray], batch_size: int) -> tuple[np.ndarray, float]:
         """Features of each image in order, and the seconds spent in the model (not waiting for it).
 
-        Batches hold one image size and are padded to batch_size, so the graph is traced once.
+        Batches hold one image size and are padded to batch_size, so the model is compiled once
+        per image size. Every batch is sent before any result is fetched, and only sending holds
+        the process's model: on a GPU (which computes while Python goes on), the next partition's
+        batches are queued while this one's results come back.
         """
+        import keras
+
         out = np.empty((len(arrays), self.n_features), dtype=np.float32)
-        seconds = 0.0
         by_shape: dict[tuple, list[int]] = {}
         for i, array in enumerate(arrays):
             by_shape.setdefault(array.shape, []).append(i)
-        for shape, indexes in by_shape.items():
-            for start in range(0, len(indexes), batch_size):
-                chunk = indexes[start : start + batch_size]
-                batch = np.zeros((batch_size, *shape), dtype=np.uint8)
-                batch[: len(chunk)] = [arrays[i] for i in chunk]
-                with _inference_lock:
-                    started = time.perf_counter()
-                    out[chunk] = self.embed(batch).numpy()[: len(chunk)]
-                    seconds += time.perf_counter() - started
-        return out, seconds
+        with _inference_lock:
+            started = time.perf_counter()
+            sent = []
+            for shape, indexes in by_shape.items():
+                for start in range(0, len(indexes), batch_size):
+                    chunk = indexes[start : start + batch_size]
+                    batch = np.zeros((batch_size, *shape), dtype=np.uint8)
+                    batch[: len(chunk)] = [arrays[i] for i in chunk]
+                    sent.append((chunk, self.embed(batch)))
+        for chunk, features in sent:
+            out[chunk] = keras.ops.convert_to_numpy(features)[: len(chunk)]
+        return out, time.perf_counter() - started
+
+
+def compiled(model, prepare: Callable, backend: str) -> Callable:
+    """uint8 batch → float32 features, compiled by the backend's own compiler: the one step that differs per backend."""
+    import keras
+
+    def embed(batch):
+        return keras.ops.cast(model(prepare(batch), training=False), "float32")
+
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(embed, input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
+    if backend == "jax":
+        import jax
+
+        @jax.jit
+        def pure(trainable, non_trainable, batch):  # the weights are arguments, not constants of the program
+            features, _ = model.stateless_call(trainable, non_trainable, prepare(batch), training=False)
+            return keras.ops.cast(features, "float32")
+
+        trainable = [v.value for v in model.trainable_variables]
+        non_trainable = [v.value for v in model.non_trainable_variables]
+        return lambda batch: pure(trainable, non_trainable, batch)
+    import torch
+
+    def eager(batch):
+        with torch.inference_mode():
+            return embed(batch)
+
+    return eager
 
 
 def featurizer(key: ModelKey, storage_options: dict) -> Featurizer:
     """The process's featurizer for `key`, built on first use and kept (never shipped in the graph)."""
     with _build_lock:
         if key not in _featurizers:
-            configure_tensorflow()
             _featurizers[key] = Featurizer(key, storage_options)
-            # TensorFlow and the model are some 400,000 Python objects that live as long as the
+            # The backend and the model are some 400,000 Python objects that live as long as the
             # process: out of the garbage collector's sight, the process exits in a fraction of a
             # second instead of the seconds its last collections take (LocalCluster waits for it).
             gc.freeze()
         return _featurizers[key]
 
 
-def configure_tensorflow() -> None:
-    """Give TensorFlow this worker's threads and its own GPU, whose memory grows instead of being grabbed.
+def import_keras(backend: str):
+    """Keras on `backend`, set up for this worker before the backend's first import.
 
-    Call before TensorFlow's first operation. On a machine with several GPUs, local worker i (the
-    LocalCluster names its workers 0, 1, ...) uses GPU i mod the number of GPUs.
+    A process runs one backend (Keras reads KERAS_BACKEND once). On a machine with several GPUs,
+    local worker i (the LocalCluster names its workers 0, 1, ...) sees only GPU i mod their number.
     """
-    import tensorflow as tf
+    if "keras" not in sys.modules:
+        os.environ["KERAS_BACKEND"] = backend
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ information and warnings
+        threads, name = worker_threads()
+        gpus = visible_gpus()
+        if len(gpus) > 1 and isinstance(name, int):
+            os.environ["CUDA_VISIBLE_DEVICES"] = gpus[name % len(gpus)]
+        # TensorFlow's C++ start-up lines (absl, CUDA probes on a CPU) are written before any log
+        # level applies: they say nothing about the run, and a failed import still raises.
+        with c_stderr_silenced():
+            configure_backend(backend, threads)
+            import keras
+    import keras
 
+    if keras.backend.backend() != backend:
+        raise UsageError(
+            f"this worker process already runs Keras on {keras.backend.backend()}, not {backend}: "
+            f"start the workers with KERAS_BACKEND={backend}, or use --backend {keras.backend.backend()}"
+        )
+    return keras
+
+
+@contextlib.contextmanager
+def c_stderr_silenced():
+    """Send what C/C++ code writes to the process's stderr (file descriptor 2) to /dev/null meanwhile."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def configure_backend(backend: str, threads: int) -> None:
+    """Give the backend this worker's threads; TensorFlow's GPU memory grows instead of being grabbed."""
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(min(threads, 2))
+        for gpu in tf.config.list_physical_devices("GPU"):
+            tf.config.experimental.set_memory_growth(gpu, True)
+    elif backend == "torch":
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def on_gpu(backend: str) -> bool:
+    """True if the backend computes on a GPU in this process."""
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return bool(tf.config.list_logical_devices("GPU"))
+    if backend == "jax":
+        import jax
+
+        return jax.default_backend() == "gpu"
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def worker_threads() -> tuple[int, int | str | None]:
+    """This Dask worker's threads and name; outside a worker, the process's cores and None."""
     try:
         from distributed import get_worker
 
         worker = get_worker()
-        threads, name = worker.state.nthreads, worker.name
+        return worker.state.nthreads, worker.name
     except ValueError:  # not inside a Dask worker
-        threads, name = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, None
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(min(threads, 2))
-        gpus = tf.config.list_physical_devices("GPU")
-        if len(gpus) > 1 and isinstance(name, int):
-            gpus = [gpus[name % len(gpus)]]
-            tf.config.set_visible_devices(gpus, "GPU")
-        for gpu in gpus:
-            tf.config.experimental.set_memory_growth(gpu, True)
-    except RuntimeError:  # TensorFlow already started in this process: keep its settings
-        pass
+        return (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1), None
+
+
+def visible_gpus() -> list[str]:
+    """The NVIDIA GPUs this process may use, as CUDA_VISIBLE_DEVICES names them (found without a backend)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:  # "" or "-1": none; "0,2": those two
+        return list(itertools.takewhile(lambda d: d not in ("", "-1"), (d.strip() for d in visible.split(","))))
+    found = len(glob.glob("/proc/driver/nvidia/gpus/*"))
+    if not found and os.path.exists("/dev/nvidiactl"):  # a sandbox may hide the driver's /proc folder
+        try:
+            listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+            found = sum(line.startswith("GPU ") for line in listed.splitlines())
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return [str(i) for i in range(found)]
+
+
+def batch_size_for(setting: int | str, gpu: bool) -> int:
+    """Images per model call: the setting, or for `auto` one that fills a GPU and keeps a CPU's features."""
+    if setting == "auto":
+        return GPU_BATCH_SIZE if gpu else CPU_BATCH_SIZE
+    return setting
 
 
 # --- one partition ---------------------------------------------------------------------------------
@@ -260,7 +416,7 @@ def featurize_partition(
     listing_fs,
     root: str,
     key: ModelKey,
-    batch_size: int,
+    batch_size: int | str,
     max_pixels: int,
     storage_options: dict,
     output_fs,
@@ -273,22 +429,31 @@ def featurize_partition(
     seconds["read"] = time.perf_counter() - started
 
     started = time.perf_counter()
+    with ThreadPoolExecutor(worker_threads()[0]) as pool:  # Pillow lets go of the GIL while it decodes
+        decoded = list(pool.map(lambda blob: decode_one(blob, key.image_size, max_pixels), blobs))
     arrays, kept, errors = [], [], []
-    for path, identity, blob in zip(rows["path"], rows["identity"], blobs):
-        if isinstance(blob, BaseException):
-            errors.append(sink.error_row(path, identity, "read", blob))
-            continue
-        try:
-            arrays.append(images.decode(blob, key.image_size, max_pixels))
+    for path, identity, (stage, result) in zip(rows["path"], rows["identity"], decoded):
+        if stage:
+            errors.append(sink.error_row(path, identity, stage, result))
+        else:
+            arrays.append(result)
             kept.append(path)
-        except Exception as error:  # Pillow raises many kinds for broken files; each is recorded
-            errors.append(sink.error_row(path, identity, "decode", error))
     seconds["decode"] = time.perf_counter() - started
 
     started = time.perf_counter()
     model = featurizer(key, storage_options)
     seconds["model load"] = time.perf_counter() - started  # includes waiting for another thread's build
-    features, seconds["model"] = model(arrays, batch_size)
+    features, seconds["model"] = model(arrays, batch_size_for(batch_size, model.on_gpu))
 
     good = rows[rows["path"].isin(kept)]
     return sink.stage_partition(output_fs, staged_path, good, features, errors, seconds) | {"device": model.device}
+
+
+def decode_one(blob: bytes | BaseException, size: int, max_pixels: int) -> tuple[str | None, object]:
+    """(None, the decoded array), or the failed stage ("read" or "decode") and its exception."""
+    if isinstance(blob, BaseException):
+        return "read", blob
+    try:
+        return None, images.decode(blob, size, max_pixels)
+    except Exception as error:  # Pillow raises many kinds for broken files; each is recorded
+        return "decode", error

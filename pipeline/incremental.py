@@ -52,6 +52,7 @@ def update(
     gpu, storage options, report). An interrupted update is finished by running it again.
     Returns the new manifest, or the old one when nothing changed.
     """
+    cluster.check_reachable(settings.cluster)
     started = datetime.now(timezone.utc)
     out_fs, out = source.open_url(settings.output, settings.storage_options)
     output = source.full_url(out_fs, out)
@@ -59,7 +60,6 @@ def update(
         base = finished_manifest(out_fs, out, output)
     kept = {key: base["settings"][key] for key in KEPT_SETTINGS} | {"extensions": tuple(base["settings"]["extensions"])}
     s = dataclasses.replace(settings, **kept, input=input or base["input"])
-    cluster.check_address(s.cluster)
     if s.report:
         job.check_report_writable(s.report, s.storage_options)
     weights = featurize.Weights(base["weights"]["used"], base["weights"]["warning"])
@@ -90,17 +90,18 @@ def update(
         say(f"dashboard: {client.dashboard_link}")
         if s.report:
             stack.enter_context(performance_report(filename=s.report, storage_options=s.storage_options))
-        key = featurize.ModelKey(s.model, s.image_size, weights.used, s.seed)
+        key = featurize.ModelKey(s.model, s.image_size, weights.used, s.seed, s.backend)
         new = source.Listing(listing.fs, listing.root, changes.featurize.reset_index(drop=True), listing.skipped)
         with job.stopwatch(timings, "featurize"):
             staged = job.stage_features(client, new, key, s, out_fs, out, progress, cluster.featurize_resources(client, s.gpu))
+        workers = cluster.size(client)  # who featurized: `cluster plan --from` divides the rate by them
         new_errors = [error for part in staged for error in part["errors"]]
         errors = changes.kept_errors.to_dict("records") + new_errors
         sink.write_parquet(out_fs, f"{out}/{sink.STAGING}/{sink.ERRORS}", sink.errors_table(errors))
         with job.stopwatch(timings, "pca update"):
             pca = updated_pca(out_fs, out, staged, spec.n_features, s, progress)
         with job.stopwatch(timings, "project + write"):
-            parts = partitions(out, old_rows, changes.drop, staged)
+            parts = partitions(out, old_rows, changes, staged, s.images_per_partition)
             n_rows = len(old_rows) - int(old_rows.path.isin(changes.drop).sum()) + sum(p["rows"] for p in staged)
             written = job.write_output(client, parts, n_rows, out_fs, out, progress)
         dashboard = client.dashboard_link
@@ -118,6 +119,7 @@ def update(
         "settings": job.public_settings(s),
         "versions": job.versions(),
         "model": base["model"] | {"devices": sorted(set(base["model"].get("devices", [])) | {p["device"] for p in staged if "device" in p})},
+        "cluster": workers,
         **job.outcome(listing, written, len(errors), len(parts), staged, pca, timings, featurized),
         "dashboard": dashboard,
         "history": base.get("history", []) + [entry],
@@ -192,13 +194,27 @@ def updated_pca(fs, out: str, staged: list[dict], width: int, s: Settings, progr
     return pca
 
 
-def partitions(out: str, old_rows: pd.DataFrame, drop: frozenset, staged: list[dict]) -> list[tuple[str, str, frozenset]]:
-    """The partitions of the new images.parquet/: the old ones less the dropped rows, then the new ones."""
+def partitions(out: str, old_rows: pd.DataFrame, changes: Changes, staged: list[dict], size: int) -> list[sink.OutputPart]:
+    """The parts of the new images.parquet/, rows sorted by path across them as after a full run.
+
+    Each part of the previous output keeps its range of paths and takes the new rows that sort
+    into it; a range given more than `size` new rows is cut at new paths, so no part grows
+    beyond its own rows and `size` more.
+    """
+    new_paths = list(changes.featurize.path)  # sorted, in the order the staged partitions hold them
+    spans = [(new_paths[i], new_paths[min(i + size, len(new_paths)) - 1], part["staged"])
+             for i, part in zip(range(0, len(new_paths), size), staged) if part["rows"]]
+    firsts = sorted(old_rows.groupby("part").path.min().items(), key=lambda item: item[1])  # (part, first path)
+    old = [(f"{out}/{sink.IMAGES}/{name}", low if i else None, firsts[i + 1][1] if i + 1 < len(firsts) else None)
+           for i, (name, low) in enumerate(firsts)] or [(None, None, None)]
+    ranges = []
+    for previous, low, high in old:
+        inside = [p for p in new_paths if (low is None or p >= low) and (high is None or p < high)]
+        cuts = [low, *inside[size::size], high]
+        ranges += [(previous, a, b) for a, b in zip(cuts, cuts[1:])]
     parts = []
-    for name, paths in old_rows.groupby("part", sort=True).path:
-        dropped = frozenset(set(paths) & drop)
-        if len(dropped) < len(paths):
-            parts.append((f"{out}/{sink.IMAGES}/{name}", name, dropped))
-    last = max((int(name.split("-")[1].split(".")[0]) for name in old_rows.part.unique()), default=-1)
-    new = [part for part in staged if part["rows"]]
-    return parts + [(part["staged"], sink.part_name(last + 1 + i), frozenset()) for i, part in enumerate(new)]
+    for previous, low, high in ranges:
+        staged_here = tuple(path for first, last, path in spans if (high is None or first < high) and (low is None or last >= low))
+        if previous or staged_here:
+            parts.append(sink.OutputPart(sink.part_name(len(parts)), staged_here, previous, changes.drop, low, high))
+    return parts

@@ -24,7 +24,7 @@ from . import featurize, reduce, sink, source
 from .config import Settings, UsageError
 
 log = logging.getLogger("pipeline")
-PACKAGES = ["dask", "distributed", "dask-ml", "scikit-learn", "tensorflow", "keras", "numpy",
+PACKAGES = ["dask", "distributed", "dask-ml", "scikit-learn", "keras", "tensorflow", "jax", "jaxlib", "torch", "numpy",
             "pillow", "pyarrow", "fsspec", "s3fs"]
 SECRET_OPTIONS = ("key", "secret", "token", "password")
 
@@ -45,8 +45,8 @@ def run(
     by default one for `settings.cluster` is started and closed here.
     """
     s = settings
+    cluster.check_reachable(s.cluster)
     spec = featurize.model_spec(s.model)
-    cluster.check_address(s.cluster)
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other: resume an interrupted run, or replace the output")
     if isinstance(s.n_components, int) and s.n_components > spec.n_features:
@@ -86,10 +86,11 @@ def run(
         resources = cluster.featurize_resources(client, s.gpu)
         if s.report:
             stack.enter_context(performance_report(filename=s.report, storage_options=s.storage_options))
-        key = featurize.ModelKey(s.model, s.image_size, weights.used, s.seed)
+        key = featurize.ModelKey(s.model, s.image_size, weights.used, s.seed, s.backend)
         moments = reduce.MomentsSum(client, out_fs, spec.n_features, s.images_per_partition)
         with stopwatch(timings, "featurize"):
             staged = stage_features(client, listing, key, s, out_fs, out, progress, resources, moments.add)
+        workers = cluster.size(client)  # who featurized: `cluster plan --from` divides the rate by them
         n_rows = sum(part["rows"] for part in staged)
         errors = [error for part in staged for error in part["errors"]]
         sink.write_parquet(out_fs, f"{out}/{sink.STAGING}/{sink.ERRORS}", sink.errors_table(errors))
@@ -104,7 +105,7 @@ def run(
                 bar.update(n_rows)
             pca.save(out_fs, f"{out}/{sink.STAGING}/{sink.PCA}")
         with stopwatch(timings, "project + write"):
-            parts = [(p["staged"], sink.part_name(index), frozenset()) for index, p in enumerate(staged) if p["rows"]]
+            parts = [sink.OutputPart(sink.part_name(index), staged=(p["staged"],)) for index, p in enumerate(staged) if p["rows"]]
             write_output(client, parts, n_rows, out_fs, out, progress)
         dashboard = client.dashboard_link
     if isinstance(s.n_components, int) and pca.n_components < s.n_components:
@@ -121,6 +122,7 @@ def run(
         "model": {"name": s.model, "n_features": spec.n_features, "image_size": s.image_size,
                   "devices": sorted({part["device"] for part in staged if "device" in part})},
         "weights": {"requested": s.weights, "used": weights.used, "warning": weights.warning},
+        "cluster": workers,
         **outcome(listing, n_rows, len(errors), len(staged), staged, pca, timings, featurized),
         "dashboard": dashboard,
         "history": [{"command": "run", "input": s.input, "started": started.isoformat(), "finished": finished,
@@ -161,11 +163,11 @@ def existing_output(fs, out: str, url: str, resume: bool, overwrite: bool) -> st
     if resume and complete:
         return "complete"
     if not overwrite and (interrupted or complete or any(sink.exists(fs, out, name) for name in sink.FINAL)):
-        held = "an interrupted run" if interrupted else "the output of an earlier run"
-        raise UsageError(
-            f"{url} already holds {held}: pass --resume to finish it, --overwrite to replace it, "
-            "or choose another --output"
-        )
+        if interrupted:
+            raise UsageError(f"{url} already holds an interrupted run: pass --resume to finish it, "
+                             "--overwrite to replace it, or choose another --output")
+        raise UsageError(f"{url} already holds a finished output: pass --overwrite to replace it, use "
+                         f"`python -m pipeline update --output {url}` to bring it up to date, or choose another --output")
     sink.remove(fs, out, sink.STAGING)  # an earlier output stays until this run commits
     return "new"
 
@@ -240,19 +242,18 @@ def stage_features(client, listing, key, s: Settings, out_fs, out: str, progress
     return results
 
 
-def write_output(client, parts: list[tuple[str, str, frozenset]], n_rows: int, out_fs, out: str, progress: bool) -> int:
-    """Project each partition on the kept components and write it to the new images.parquet/; returns the rows.
+def write_output(client, parts: list[sink.OutputPart], n_rows: int, out_fs, out: str, progress: bool) -> int:
+    """Project each part on the kept components and write it to the new images.parquet/; returns the rows.
 
-    parts: (partition file, its name in images.parquet/, paths to leave out). The projection is
-    loaded by a task rather than scattered, so that Dask can recompute it on another worker if the
-    one holding it is lost.
+    The projection is loaded by a task rather than scattered, so that Dask can recompute it on
+    another worker if the one holding it is lost.
     """
     final = f"{out}/{sink.STAGING}/{sink.IMAGES}"
     sink.make_folder(out_fs, final)
     projection = client.submit(reduce.projection, out_fs, f"{out}/{sink.STAGING}/{sink.PCA}", key=f"projection-{client.id}")
     futures = [
-        client.submit(sink.finish_partition, out_fs, path, f"{final}/{name}", projection, drop, key=f"write-{name}-{client.id}")
-        for path, name, drop in parts
+        client.submit(sink.finish_partition, out_fs, part, final, projection, key=f"write-{part.name}-{client.id}")
+        for part in parts
     ]
     written = 0
     with progress_bar("write", n_rows, progress) as bar:

@@ -21,6 +21,7 @@ are written beside their name and renamed. A retried partition rewrites its own 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from typing import Callable
@@ -131,24 +132,43 @@ def staged_features(fs, path: str, width: int) -> np.ndarray:
     return matrix(read_parquet(fs, path, columns=["features"])["features"], width)
 
 
-def finish_partition(
-    fs, source_path: str, final_path: str, projection: tuple[np.ndarray, np.ndarray], drop: frozenset = frozenset()
-) -> int:
-    """Write a partition (staged, or of the previous output) with its PCA projection (mean, components).
+@dataclasses.dataclass(frozen=True)
+class OutputPart:
+    """One file of the new images.parquet/: the rows of its sources with paths in [low, high).
 
-    Rows whose path is in `drop` are left out (`update`: deleted or replaced images); returns the rows written.
+    A run's part is one staged partition. An update's is a part of the previous output, less the
+    paths in `drop`, and the staged new rows that sort into its range: rows stay sorted by path.
+    """
+
+    name: str
+    staged: tuple[str, ...]
+    previous: str | None = None
+    drop: frozenset = frozenset()  # paths of `previous` to leave out: deleted or replaced images
+    low: str | None = None  # None: from the first path
+    high: str | None = None  # None: to the last
+
+
+def finish_partition(fs, part: OutputPart, folder: str, projection: tuple[np.ndarray, np.ndarray]) -> int:
+    """Write one part into `folder`, its rows sorted by path, with their PCA projection (mean, components).
+
+    Returns the rows written; a part left without rows writes no file.
     """
     mean, components = projection
-    table = read_parquet(fs, source_path).replace_schema_metadata(None)
-    if "pca" in table.column_names:  # a partition of the previous output, projected by the previous PCA
-        table = table.drop_columns("pca")
-    if drop:
-        table = table.filter(pc.invert(pc.is_in(table["path"], pa.array(sorted(drop), pa.string()))))
+    tables = [read_parquet(fs, path).replace_schema_metadata(None) for path in part.staged]
+    if part.previous:  # projected by the previous PCA, and holding the images that changed since
+        table = read_parquet(fs, part.previous).drop_columns("pca")
+        tables.append(table.filter(pc.invert(pc.is_in(table["path"], pa.array(sorted(part.drop), pa.string())))))
+    table = pa.concat_tables(tables)
+    if part.low is not None:
+        table = table.filter(pc.greater_equal(table["path"], part.low))
+    if part.high is not None:
+        table = table.filter(pc.less(table["path"], part.high))
+    table = table.sort_by("path")
     if not table.num_rows:
         return 0
     features = matrix(table["features"], mean.shape[0])
     projected = (features - mean) @ components.T
-    write_parquet(fs, final_path, table.append_column("pca", list_array(projected.astype(np.float32))))
+    write_parquet(fs, f"{folder}/{part.name}", table.append_column("pca", list_array(projected.astype(np.float32))))
     return table.num_rows
 
 

@@ -45,7 +45,10 @@ def full_url(fs: AbstractFileSystem, path: str) -> str:
 
 
 def list_images(url: str, storage_options: dict, extensions: tuple[str, ...]) -> Listing:
-    """List every image under `url` in one flat listing; label = parent folder, split = Training/Test."""
+    """List every image under `url` in one flat listing; label = parent folder, split = Training/Test.
+
+    The split comes from a folder under `url`, or else from the input folder's own name.
+    """
     fs, root = open_url(url, storage_options)
     try:
         found = fs.find(root, detail=True) if fs.isdir(root) else {}
@@ -59,8 +62,9 @@ def list_images(url: str, storage_options: dict, extensions: tuple[str, ...]) ->
         raise UsageError(
             f"no images under {url}: {len(relative)} files, none ending in .{', .'.join(extensions)}"
         )
+    split = SPLITS.get(posixpath.basename(root).lower())  # --input …/Training: its images are Training's
     rows = pd.DataFrame(
-        [(path, *label_and_split(path), identity(relative[path])) for path in images],
+        [(path, *label_and_split(path, split), identity(relative[path])) for path in images],
         columns=["path", "label", "split", "identity"],
     )
     return Listing(fs=fs, root=root, rows=rows, skipped=len(relative) - len(images))
@@ -83,10 +87,13 @@ def is_image(path: str, extensions: tuple[str, ...]) -> bool:
     return posixpath.splitext(path)[1].lower().lstrip(".") in extensions
 
 
-def label_and_split(path: str) -> tuple[str, str | None]:
-    """The parent folder's name as it is (spaces, unicode), and Training/Test when a folder says so."""
+def label_and_split(path: str, root_split: str | None = None) -> tuple[str, str | None]:
+    """The parent folder's name as it is (spaces, unicode), and Training/Test when a folder says so.
+
+    `root_split`: the split the input folder itself names, for paths whose own folders name none.
+    """
     folders = path.split("/")[:-1]
-    split = next((SPLITS[f.lower()] for f in folders if f.lower() in SPLITS), None)
+    split = next((SPLITS[f.lower()] for f in folders if f.lower() in SPLITS), root_split)
     return (folders[-1] if folders else ""), split
 
 

@@ -59,7 +59,7 @@ def test_an_unreachable_scheduler_is_a_usage_error_that_names_it():
 
 # --- cluster files ---------------------------------------------------------------------------------
 
-SHIPPED = sorted(str(p.relative_to(REPO)) for p in (REPO / "cluster").glob("*.yaml") if p.name != "prices.yaml")
+SHIPPED = sorted(str(p.relative_to(REPO)) for p in (REPO / "cluster").glob("*.yaml") if p.name not in ("prices.yaml", "rates.yaml"))
 EC2_MINIMAL = "kind: ec2\nregion: eu-west-1\nscheduler: {instance-type: t3.large}\nworkers: {instance-type: g4dn.xlarge, gpu: true}\n"
 
 

@@ -1,5 +1,8 @@
-"""The model: seeded random weights that carry information, weights from a file or a bucket, batching."""
+"""The model: seeded random weights that carry information, weights from a file or a bucket, batching, backends."""
+import sys
+
 import numpy as np
+import pandas as pd
 import pytest
 
 import pipeline
@@ -77,3 +80,21 @@ def test_a_missing_weights_file_or_unknown_model_is_a_usage_error(tmp_path):
 def test_resnet50_is_the_second_choice_with_2048_features(photos):
     features, _ = featurize.Featurizer(featurize.ModelKey("resnet50", 96, "random", 0), {})(photos[:2], batch_size=2)
     assert features.shape == (2, 2048) and np.isfinite(features).all() and features.std(axis=0).mean() > 0
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_jax_and_torch_workers_give_tensorflows_features_and_never_import_tensorflow(backend, tmp_path, aws_env):
+    pytest.importorskip(backend)  # jax comes with the test extra; PyTorch's CPU wheel is optional
+    from distributed import Client, LocalCluster
+
+    settings = pipeline.settings(output=str(tmp_path), weights="random", image_size=96, backend=backend, n_components=10)
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0") as cluster, Client(cluster) as client:
+        manifest = pipeline.run(settings, client=client, progress=False, say=lambda message: None)
+        [imported] = client.run(lambda: {name.split(".")[0] for name in sys.modules}).values()
+    assert backend in imported and "tensorflow" not in imported  # (Keras on torch imports jax for some helpers)
+    assert manifest["settings"]["backend"] == backend and manifest["model"]["devices"] == [f"CPU, float32, {backend}"]
+
+    rows = pd.read_parquet(tmp_path / "images.parquet").sort_values("path")
+    photos = [decode((SAMPLE_DIR / path).read_bytes(), 96, LIMIT) for path in rows.path]
+    expected, _ = featurize.featurizer(RANDOM, {})(photos, batch_size=32)  # this process runs TensorFlow
+    assert featurize.features_agree(np.stack(rows.features), expected)

@@ -16,8 +16,10 @@ import pandas as pd
 import pytest
 from distributed import Client, LocalCluster
 from PIL import Image
+from scipy.linalg import subspace_angles
 
 import pipeline
+from pipeline import featurize
 from pipeline.config import SAMPLE_DIR, UsageError
 
 pytestmark = pytest.mark.slow
@@ -141,7 +143,7 @@ def test_transient_storage_errors_are_retried_and_permanent_ones_recorded_at_onc
 
 def test_rerunning_onto_an_output_is_refused_unless_asked_to_overwrite_or_resume(tmp_path, dask_cluster):
     first = run(SAMPLE_DIR, tmp_path, dask_cluster, n_components=5)
-    with pytest.raises(UsageError, match="already holds the output of an earlier run: pass --resume"):
+    with pytest.raises(UsageError, match="already holds a finished output: pass --overwrite .* `python -m pipeline update"):
         run(SAMPLE_DIR, tmp_path, dask_cluster, n_components=7)
     again = run(SAMPLE_DIR, tmp_path, dask_cluster, n_components=7, overwrite=True)
     assert again["pca"]["n_components"] == 7 and first["started"] != again["started"]
@@ -163,14 +165,20 @@ def reference(dask_cluster, tmp_path_factory):
     return read_output(out)[0], np.load(out / "pca.npz")
 
 
-def assert_same_output(out, reference):
+def assert_same_output(out, reference, same_partitions: bool = True):
+    """The same rows and PCA as the reference run: bit-identical features where the partitions were the same,
+    within the promised tolerance where images shared their batches with others."""
     rows, pca = read_output(out)[0], np.load(out / "pca.npz")
     expected_rows, expected_pca = reference
     pd.testing.assert_frame_equal(rows[["path", "label", "split"]], expected_rows[["path", "label", "split"]])
-    np.testing.assert_array_equal(np.stack(rows.features), np.stack(expected_rows.features))
-    np.testing.assert_allclose(pca["explained_variance_ratio"], expected_pca["explained_variance_ratio"], rtol=1e-4, atol=1e-12)
+    features, expected = np.stack(rows.features), np.stack(expected_rows.features)
+    if same_partitions:
+        np.testing.assert_array_equal(features, expected)
+    else:
+        assert featurize.features_agree(features, expected), np.abs(features - expected).max()
+    np.testing.assert_allclose(pca["explained_variance_ratio"], expected_pca["explained_variance_ratio"], rtol=1e-3, atol=1e-9)
     k = int(expected_pca["n_components"])
-    np.testing.assert_allclose(np.abs(pca["components"][:k]), np.abs(expected_pca["components"][:k]), atol=1e-4)
+    assert np.degrees(subspace_angles(pca["components"][:k].T, expected_pca["components"][:k].T).max()) < 0.1
 
 
 def cli(input, out, *args) -> list[str]:
@@ -229,7 +237,7 @@ def two_workers(aws_env):
 
 def test_rows_and_features_do_not_depend_on_workers_or_partitions(two_workers, tmp_path, reference):
     run(SAMPLE_DIR, tmp_path, two_workers, **SMALL_PARTITIONS | {"images_per_partition": 50})
-    assert_same_output(tmp_path, reference)
+    assert_same_output(tmp_path, reference, same_partitions=False)
 
 
 def test_a_worker_killed_mid_run_loses_and_duplicates_no_row(two_workers, tmp_path, reference):

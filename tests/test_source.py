@@ -28,6 +28,13 @@ def test_labels_keep_spaces_and_unicode_and_splits_come_from_the_layout(tmp_path
     ]
 
 
+def test_an_input_folder_named_training_or_test_gives_its_images_that_split(tmp_path):
+    make_files(tmp_path, ["Training/Apple Red 1/a.jpg", "Test/Apple Red 1/b.jpg"])
+    for split in ("Training", "Test"):
+        rows = list_images(str(tmp_path / split), {}, EXTENSIONS).rows
+        assert rows[["path", "label", "split"]].values.tolist() == [[f"Apple Red 1/{'a' if split == 'Training' else 'b'}.jpg", "Apple Red 1", split]]
+
+
 def test_extensions_are_case_insensitive_and_other_files_are_counted(tmp_path):
     make_files(tmp_path, ["a/1.JPG", "a/2.Tiff", "a/3.webp", "a/4.BMP", "a/notes.txt", "a/.DS_Store", "a/5.gif"])
     listing = list_images(f"file://{tmp_path}", {}, EXTENSIONS)

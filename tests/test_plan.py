@@ -1,0 +1,167 @@
+"""`cluster plan FILE... --images N [--from OUTPUT]`: the hours and USD of featurizing N images, from a measured rate."""
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+import pipeline
+from cluster import plan, spec
+from pipeline import cli
+from pipeline.config import SAMPLE_DIR, UsageError
+
+from test_cluster import REPO, cluster_file
+
+PRICES = spec.prices()["instances"]
+RATES = yaml.safe_load(plan.RATES_FILE.read_text())
+CPU_CLUSTER = "kind: ec2\nregion: us-east-1\nscheduler: {instance-type: t3.large}\nworkers: {instance-type: c6i.2xlarge, n-workers: 3}\n"
+GPU_CLUSTER = ("kind: ec2\nregion: us-east-1\nscheduler: {instance-type: t3.large}\n"
+               "workers: {instance-type: g4dn.xlarge, gpu: true, n-workers: 1, minimum: 1, maximum: 4}\n")
+
+
+def finished_run(tmp_path, *, featurize_per_s=120.0, workers=2, threads=16, start_s=30.0, devices=("CPU, float32",)) -> str:
+    """An output folder whose manifest holds what a plan reads: speed, cluster start, devices, workers."""
+    out = tmp_path / "out"
+    out.mkdir()
+    manifest = {
+        "images_per_s": {"featurize": featurize_per_s, "list_to_output": featurize_per_s / 2},
+        "timings_s": {"list": 1.0, "cluster start": start_s, "featurize": 100.0},
+        "model": {"name": "mobilenet_v2", "devices": list(devices)},
+        "cluster": {"workers": workers, "threads": threads},
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return str(out)
+
+
+def planned(capsys, *args) -> tuple[dict[str, list[str]], str]:
+    """`cluster plan ARGS`: the estimate rows by cluster file (their cells), and the whole text on one line."""
+    assert cli.main(["cluster", "plan", *args]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("cluster file  "):].split("\n\n")[0].splitlines()
+    rows = [re.split(r"\s{2,}", line.strip()) for line in table]
+    assert rows[0] == ["cluster file", "workers", "images/s per worker", "hours", "USD", "USD per million images"]
+    return {row[0]: row[1:] for row in rows[1:]}, " ".join(out.split())
+
+
+def test_the_estimate_divides_the_images_by_the_run_rate_per_worker_and_bills_every_instance(tmp_path, capsys):
+    path = cluster_file(tmp_path, CPU_CLUSTER)
+    rows, text = planned(capsys, path, "--images", "1000000", "--from", finished_run(tmp_path))
+
+    per_worker = 120.0 / 2  # the run's featurize images/s ÷ its worker processes
+    hours = (30.0 + 1_000_000 / (per_worker * 3)) / 3600  # its cluster start, then 3 workers at that rate
+    usd = hours * (PRICES["t3.large"]["usd-per-hour"] + 3 * PRICES["c6i.2xlarge"]["usd-per-hour"])
+    assert round(hours, 2) == 1.55
+    assert rows[path] == ["3 (8 threads)", "60.0", plan.number(hours), plan.number(usd), plan.number(usd)]
+    assert "featurizing 1,000,000 images" in text and "settings kind: ec2" in text  # one file: its plan, then the estimate
+    assert "featurized 120.0 images/s (manifest images_per_s.featurize) on 2 worker(s) with 16 thread(s)" in text
+    assert "60.0 per worker; plus its cluster start, 30.0 s" in text
+    assert "not the run's" not in text  # 8 threads per worker, CPU, like the run's
+
+
+def test_an_adaptive_cluster_gives_a_range_from_its_fewest_to_its_most_workers(tmp_path, capsys):
+    path = cluster_file(tmp_path, GPU_CLUSTER)
+    output = finished_run(tmp_path, featurize_per_s=600.0, workers=1, threads=4, start_s=0.0, devices=("GPU, mixed_float16",))
+    rows, text = planned(capsys, path, "--images", "2000000", "--from", output)
+
+    hours = [2_000_000 / (600.0 * k) / 3600 for k in (1, 4)]
+    hourly = PRICES["t3.large"]["usd-per-hour"], PRICES["g4dn.xlarge"]["usd-per-hour"]
+    usd = [h * (hourly[0] + k * hourly[1]) for h, k in zip(hours, (1, 4))]
+    assert plan.estimate(spec.load(path), 2_000_000, plan.measured_rate(output)) == plan.Estimate((1, 4), tuple(hours), tuple(usd))
+    assert rows[path] == [
+        "1-4 (4 threads)", "600", f"{plan.number(hours[1])}-{plan.number(hours[0])}",
+        f"{plan.number(min(usd))}-{plan.number(max(usd))}", f"{plan.number(min(usd) / 2)}-{plan.number(max(usd) / 2)}",
+    ]
+    assert "adaptive: the range goes from 4 workers (fastest) to 1" in text
+
+
+def test_workers_unlike_the_run_are_named_as_the_assumption_they_are(tmp_path, capsys):
+    path = cluster_file(tmp_path, GPU_CLUSTER)
+    _, text = planned(capsys, path, "--images", "1000", "--from", finished_run(tmp_path, workers=1, threads=2))
+    assert "its workers (4 threads, GPU) are not the run's (2 threads, CPU): the estimate assumes each featurizes as fast" in text
+
+
+def test_several_files_side_by_side_vertical_against_horizontal(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # this machine's CPU, even where it has a GPU
+    files = ["cluster/local.yaml", "cluster/ec2-cpu.yaml", "cluster/ec2-gpu.yaml"]
+    rows, text = planned(capsys, *files, "--images", "2000000", "--from", finished_run(tmp_path, workers=1, threads=8))
+
+    assert list(rows) == files and "settings" not in text  # the table alone
+    assert rows["cluster/local.yaml"][3:] == ["0 (this machine)", "0"]
+    for name in files[1:]:
+        usd = [float(cell) for cell in rows[name][3].split("-")]
+        assert [float(cell) for cell in rows[name][4].split("-")] == pytest.approx([cost / 2 for cost in usd], rel=1e-2)
+    assert rows["cluster/ec2-gpu.yaml"][0].startswith("1-8")  # adapts between 1 and 8 workers
+    assert "prices: on-demand, Linux, us-east-1" in text
+
+
+def test_without_from_the_measured_rates_apply_and_hardware_without_one_says_so(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    local = cluster_file(tmp_path, "kind: local\nn-workers: 1\nthreads-per-worker: 2\n")
+    rows, text = planned(capsys, local, "cluster/ec2-cpu.yaml", "cluster/ec2-gpu.yaml", "--images", "1000000")
+
+    per_worker = RATES["cpu-core"]["images-per-s"] * 2  # one core's measured rate × the worker's threads
+    assert rows[local] == ["1 (2 threads)", plan.number(per_worker), plan.number(1_000_000 / per_worker / 3600), "0 (this machine)", "0"]
+    assert "Scaling on one machine" in text and "another CPU will differ" in text
+    assert rows["cluster/ec2-cpu.yaml"][1:] == ["no measured rate", "?", "?", "?"]
+    assert "no measured rate for c6i.2xlarge workers in cluster/rates.yaml: give --from OUTPUT" in text
+    assert rows["cluster/ec2-gpu.yaml"][1:] == ["no measured rate", "?", "?", "?"]
+    assert "no measured rate for the NVIDIA T4 of g4dn.xlarge in cluster/rates.yaml (it has NVIDIA H200)" in text
+
+
+def test_the_h200_rate_is_the_bare_model_and_says_so():
+    h200 = plan.gpu_rate(RATES, "NVIDIA H200", "this machine")
+    assert h200.per_worker == 2525 and "the bare model, not the pipeline" in h200.source and "2026-11-26" in h200.source
+    assert plan.gpu_rate(RATES, "NVIDIA L4", "g6.xlarge").per_worker is None
+    assert all("source" in entry for entry in [RATES["cpu-core"], *RATES["gpus"].values(), *RATES["instances"].values()])
+
+
+def test_an_instance_type_without_a_price_has_time_but_no_cost(tmp_path, capsys):
+    path = cluster_file(tmp_path, CPU_CLUSTER.replace("c6i.2xlarge", "c7i.2xlarge"))
+    rows, text = planned(capsys, path, "--images", "1000", "--from", finished_run(tmp_path))
+    assert rows[path][3:] == ["? (type not priced)", "?"] and rows[path][2] != "?"
+    assert "an instance type not in cluster/prices.yaml: no cost" in text
+
+
+@pytest.mark.parametrize("images", ["0", "-3", "1e6", "ten", "2.5"])
+def test_images_must_be_a_positive_integer(images):
+    with pytest.raises(UsageError, match=f"`--images` must be a positive integer, got '{re.escape(images)}'"):
+        plan.plan(["cluster/local.yaml"], images)
+
+
+def test_from_needs_images_and_a_finished_run_that_says_its_workers(tmp_path):
+    with pytest.raises(UsageError, match="add --images N"):
+        plan.plan([str(REPO / "cluster/local.yaml")], None, str(tmp_path))
+    with pytest.raises(UsageError, match="no manifest.json in .*: give the --output of a finished `pipeline run`"):
+        plan.measured_rate(str(tmp_path))
+    old = finished_run(tmp_path)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    (tmp_path / "out" / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "cluster"}))
+    with pytest.raises(UsageError, match="does not say how many workers featurized"):
+        plan.measured_rate(old)
+    (tmp_path / "out" / "manifest.json").write_text(json.dumps(manifest | {"images_per_s": {"featurize": 0.0}}))
+    with pytest.raises(UsageError, match="featurized no image"):
+        plan.measured_rate(old)
+
+
+def test_a_bad_images_count_on_the_command_line_is_one_line_and_exit_code_2():
+    result = subprocess.run([sys.executable, "-m", "pipeline", "cluster", "plan", "cluster/local.yaml", "--images", "many"],
+                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 2 and result.stderr == "error: `--images` must be a positive integer, got 'many'\n"
+
+
+@pytest.mark.slow
+def test_a_real_run_records_its_workers_and_a_plan_from_it_checks_against_its_manifest(dask_cluster, tmp_path, capsys):
+    settings = pipeline.settings(input=str(SAMPLE_DIR), output=str(tmp_path / "out"), cluster=dask_cluster, weights="random")
+    manifest = pipeline.run(settings, progress=False, say=lambda message: None)
+    assert manifest["cluster"] == {"workers": 1, "threads": 2}  # conftest's LocalCluster
+    path = cluster_file(tmp_path, CPU_CLUSTER.replace("n-workers: 3", "n-workers: 5"))
+    rows, _ = planned(capsys, path, "--images", "100000000", "--from", str(tmp_path / "out"))
+
+    per_worker = manifest["images_per_s"]["featurize"] / manifest["cluster"]["workers"]
+    hours = (manifest["timings_s"]["cluster start"] + 100_000_000 / (per_worker * 5)) / 3600
+    usd = hours * (PRICES["t3.large"]["usd-per-hour"] + 5 * PRICES["c6i.2xlarge"]["usd-per-hour"])
+    assert rows[path] == ["5 (8 threads)", plan.number(per_worker), plan.number(hours), plan.number(usd), plan.number(usd / 100)]
