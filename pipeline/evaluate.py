@@ -28,6 +28,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from . import reduce, report, sink, source
 from .config import UsageError
+from .output import Output
 
 PAGE = "evaluation.html"
 DOCUMENT = "evaluation.json"
@@ -69,7 +70,7 @@ def load(output: str, storage_options: dict | None = None) -> Images:
     """Read labels, splits and PCA coordinates (projecting features where k > kept) of a finished run."""
     fs, root = source.open_url(output, storage_options or {})
     url = source.full_url(fs, root)
-    manifest = report.finished_manifest(fs, root, url)
+    manifest = Output(fs, root, url).manifest()
     pca = reduce.Pca.load(fs, f"{root}/{sink.PCA}")
     kept = pca.n_components
     k_values = sorted({k for k in K_VALUES if k <= len(pca.components)} | {kept})

@@ -10,6 +10,7 @@ import dataclasses
 import gc
 import glob
 import hashlib
+import importlib
 import itertools
 import os
 import subprocess
@@ -320,7 +321,7 @@ def import_keras(backend: str):
         # level applies: they say nothing about the run, and a failed import still raises.
         with c_stderr_silenced():
             configure_backend(backend, threads)
-            import keras
+            importlib.import_module("keras")
     import keras
 
     if keras.backend.backend() != backend:

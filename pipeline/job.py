@@ -1,20 +1,20 @@
 """The whole job: list → read, decode, featurize and stage → fit the PCA → project and write.
 
-`run()` is what `python -m pipeline run` and the notebook call.
+`run()` is what `python -m pipeline run` and the notebook call. `update()` (incremental.py) goes
+through the same flow, `featurize_fit_write()`, with its own listing, PCA and parts; `recognize`
+uses its cluster and staging. The output's life cycle (new, interrupted, finished) is output.py's.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import importlib.metadata
-import json
 import logging
 import platform
 import time
 from datetime import datetime, timezone
-from typing import Callable
+from typing import Callable, Iterator, Protocol
 
-import pyarrow as pa
 from distributed import as_completed, performance_report
 from tqdm.auto import tqdm
 
@@ -22,15 +22,12 @@ import cluster
 
 from . import featurize, reduce, sink, source
 from .config import Settings, UsageError
+from .output import Output
 
 log = logging.getLogger("pipeline")
 PACKAGES = ["dask", "distributed", "dask-ml", "scikit-learn", "keras", "tensorflow", "jax", "jaxlib", "torch", "numpy",
             "pillow", "pyarrow", "fsspec", "s3fs"]
 SECRET_OPTIONS = ("key", "secret", "token", "password")
-
-
-RESUME_KEYS = ("input", "extensions", "images_per_partition", "max_image_pixels", "model", "image_size",
-               "batch_size", "weights", "seed")  # what decides the rows and features of a run
 
 
 def run(
@@ -53,159 +50,175 @@ def run(
         raise UsageError(f"`n-components` {s.n_components} is more than the {spec.n_features} features of {s.model}")
     timings: dict[str, float] = {}
     started = datetime.now(timezone.utc)
-    out_fs, out = source.open_url(s.output, s.storage_options)
-    output = source.full_url(out_fs, out)
-
-    with output_errors(output):
-        state = existing_output(out_fs, out, output, resume, overwrite)
+    out = Output.at(s.output, s.storage_options)
+    state = out.state(resume, overwrite)
     if state == "complete":
-        say(f"{output} is complete: nothing to resume")
-        return sink.read_json(out_fs, f"{out}/{sink.MANIFEST}")
+        say(f"{out.url} is complete: nothing to resume")
+        return out.manifest()
     if s.report:
         check_report_writable(s.report, s.storage_options)
     if state == "resume":
-        listing, weights = resume_plan(out_fs, out, output, s)
-        say(f"resuming the interrupted run in {output}")
+        listing, weights = out.resume_plan(s)
+        say(f"resuming the interrupted run in {out.url}")
     else:
         with stopwatch(timings, "list"):
             listing = source.list_images(s.input, s.storage_options, s.extensions)
         weights = featurize.resolve_weights(s.model, s.weights, s.seed, s.storage_options)
-        check_writable(out_fs, out, output)
-        save_plan(out_fs, out, s, listing, weights, command="run")
+        out.check_writable()
+        out.save_plan(s, listing, weights, command="run")
     if weights.warning:
         log.warning(weights.warning)
-    if not cluster.on_this_machine(s.cluster) and (source.is_local(listing.fs) or source.is_local(out_fs)):
+    if not cluster.on_this_machine(s.cluster) and (source.is_local(listing.fs) or source.is_local(out.fs)):
         log.warning("input or output is a local path and the cluster is not local: its workers must see that path too")
     say(f"{len(listing.rows)} images under {s.input}; non-image files skipped: {listing.skipped}")
 
+    done = featurize_fit_write(
+        s, out, listing, weights, lambda client: FullFit(client, out, s, spec.n_features, progress),
+        lambda staged: ([sink.OutputPart(sink.part_name(i), staged=(p["staged"],)) for i, p in enumerate(staged) if p["rows"]],
+                        sum(p["rows"] for p in staged)),
+        say=say, progress=progress, client=client, timings=timings,
+    )
+    if isinstance(s.n_components, int) and done.pca.n_components < s.n_components:
+        log.warning(f"{s.n_components} components asked, the data has {done.pca.n_components}: kept {done.pca.n_components}")
+    featurized = sum(part["images"] for part in done.staged if not part["resumed"])
+    manifest = manifest_of(s, out, started, listing, weights, done, timings, featurized)
+    manifest["history"] = [{"command": "run", "input": s.input, "started": manifest["started"], "finished": manifest["finished"],
+                            "listed": len(listing.rows), "featurized": len(listing.rows), "failed": len(done.errors)}]
+    out.commit(manifest)
+    return manifest
+
+
+# --- the flow that run and update share ------------------------------------------------------------
+
+
+class Fit(Protocol):
+    """How a command gets its PCA: told of each partition as it is staged, asked for the PCA once all are."""
+
+    stage: str  # its name in the manifest's timings
+
+    def add(self, index: int, path: str) -> None: ...
+
+    def pca(self, staged: list[dict]) -> reduce.Pca: ...
+
+
+class FullFit:
+    """A run's exact PCA: each partition's moments added up on the workers while the others are featurized."""
+
+    stage = "pca fit"
+
+    def __init__(self, client, out: Output, s: Settings, width: int, progress: bool):
+        self.moments = reduce.MomentsSum(client, out.fs, width, s.images_per_partition)
+        self.add = self.moments.add
+        self.out, self.n_components, self.progress = out, s.n_components, progress
+
+    def pca(self, staged: list[dict]) -> reduce.Pca:
+        n_rows = sum(part["rows"] for part in staged)
+        if n_rows < 2:
+            raise UsageError(
+                f"only {n_rows} of {sum(part['images'] for part in staged)} images could be used (see the errors in "
+                f"{self.out.url}/{sink.STAGING}/{sink.ERRORS}): the PCA needs at least 2"
+            )
+        with progress_bar("pca fit", n_rows, self.progress) as bar:
+            pca = self.moments.pca(self.n_components)
+            bar.update(n_rows)
+        return pca
+
+
+@dataclasses.dataclass(frozen=True)
+class Done:
+    """What one pass of the flow did: the staged partitions, every error, the PCA, the parts written."""
+
+    staged: list[dict]
+    errors: list[dict]
+    pca: reduce.Pca
+    parts: int
+    written: int
+    workers: dict  # the cluster's worker processes and threads when featurizing ended
+    dashboard: str
+
+
+def featurize_fit_write(
+    s: Settings, out: Output, listing: source.Listing, weights: featurize.Weights,
+    fit_on: Callable[[object], Fit], parts_of: Callable[[list[dict]], tuple[list[sink.OutputPart], int]], *,
+    kept_errors: list[dict] = (), say: Callable[[str], None], progress: bool, client, timings: dict,
+) -> Done:
+    """On the cluster: featurize and stage the listing's images, fit the PCA, project and write every part.
+
+    run and update differ only in what they list, how they fit (`fit_on`: given the client) and
+    which parts they write (`parts_of`: given the staged partitions, the parts and the rows they
+    will hold); the errors of images not
+    featurized again (`kept_errors`) join the new ones. Everything is written under _staging/.
+    """
+    key = featurize.ModelKey(s.model, s.image_size, weights.used, s.seed, s.backend)
+    with on_cluster(s, client, say, timings) as client:
+        fit = fit_on(client)
+        with stopwatch(timings, "featurize"):
+            staged = stage_features(client, listing, key, s, out.fs, out.path, progress,
+                                    cluster.featurize_resources(client, s.gpu), fit.add)
+        workers = cluster.size(client)  # who featurized: `cluster plan --from` divides the rate by them
+        errors = list(kept_errors) + [error for part in staged for error in part["errors"]]
+        sink.write_parquet(out.fs, out / f"{sink.STAGING}/{sink.ERRORS}", sink.errors_table(errors))
+        with stopwatch(timings, fit.stage):
+            pca = fit.pca(staged)
+            pca.save(out.fs, out / f"{sink.STAGING}/{sink.PCA}")
+        with stopwatch(timings, "project + write"):
+            parts, n_rows = parts_of(staged)
+            written = write_output(client, parts, n_rows, out.fs, out.path, progress)
+        return Done(staged, errors, pca, len(parts), written, workers, client.dashboard_link)
+
+
+@contextlib.contextmanager
+def on_cluster(s: Settings, client, say: Callable[[str], None], timings: dict) -> Iterator:
+    """A client of the settings' cluster (or `client`, kept open), its dashboard said, a performance report if asked."""
     with contextlib.ExitStack() as stack:
         with stopwatch(timings, "cluster start"):
             if client is None:
                 client = stack.enter_context(cluster.connect(s.cluster, s.local_cluster, say))
         say(f"dashboard: {client.dashboard_link}")
-        resources = cluster.featurize_resources(client, s.gpu)
         if s.report:
             stack.enter_context(performance_report(filename=s.report, storage_options=s.storage_options))
-        key = featurize.ModelKey(s.model, s.image_size, weights.used, s.seed, s.backend)
-        moments = reduce.MomentsSum(client, out_fs, spec.n_features, s.images_per_partition)
-        with stopwatch(timings, "featurize"):
-            staged = stage_features(client, listing, key, s, out_fs, out, progress, resources, moments.add)
-        workers = cluster.size(client)  # who featurized: `cluster plan --from` divides the rate by them
-        n_rows = sum(part["rows"] for part in staged)
-        errors = [error for part in staged for error in part["errors"]]
-        sink.write_parquet(out_fs, f"{out}/{sink.STAGING}/{sink.ERRORS}", sink.errors_table(errors))
-        if n_rows < 2:
-            raise UsageError(
-                f"only {n_rows} of {len(listing.rows)} images could be used (see the errors in "
-                f"{output}/{sink.STAGING}/{sink.ERRORS}): the PCA needs at least 2"
-            )
-        with stopwatch(timings, "pca fit"):
-            with progress_bar("pca fit", n_rows, progress) as bar:
-                pca = moments.pca(s.n_components)
-                bar.update(n_rows)
-            pca.save(out_fs, f"{out}/{sink.STAGING}/{sink.PCA}")
-        with stopwatch(timings, "project + write"):
-            parts = [sink.OutputPart(sink.part_name(index), staged=(p["staged"],)) for index, p in enumerate(staged) if p["rows"]]
-            write_output(client, parts, n_rows, out_fs, out, progress)
-        dashboard = client.dashboard_link
-    if isinstance(s.n_components, int) and pca.n_components < s.n_components:
-        log.warning(f"{s.n_components} components asked, the data has {pca.n_components}: kept {pca.n_components}")
-    featurized = sum(part["images"] for part in staged if not part["resumed"])
-    finished = datetime.now(timezone.utc).isoformat()
-    manifest = {
+        yield client
+
+
+def manifest_of(s: Settings, out: Output, started: datetime, listing: source.Listing, weights: featurize.Weights,
+                done: Done, timings: dict, featurized: int, devices: tuple[str, ...] = ()) -> dict:
+    """The manifest of a run or an update, without its history: what ran, with what, what it did, how fast."""
+    spec = featurize.model_spec(s.model)
+    return {
         "input": s.input,
-        "output": output,
+        "output": out.url,
         "started": started.isoformat(),
-        "finished": finished,
+        "finished": datetime.now(timezone.utc).isoformat(),
         "settings": public_settings(s),
         "versions": versions(),
         "model": {"name": s.model, "n_features": spec.n_features, "image_size": s.image_size,
-                  "devices": sorted({part["device"] for part in staged if "device" in part})},
+                  "devices": sorted(set(devices) | {part["device"] for part in done.staged if "device" in part})},
         "weights": {"requested": s.weights, "used": weights.used, "warning": weights.warning},
-        "cluster": workers,
-        **outcome(listing, n_rows, len(errors), len(staged), staged, pca, timings, featurized),
-        "dashboard": dashboard,
-        "history": [{"command": "run", "input": s.input, "started": started.isoformat(), "finished": finished,
-                     "listed": len(listing.rows), "featurized": len(listing.rows), "failed": len(errors)}],
+        "cluster": done.workers,
+        **outcome(listing, done, timings, featurized),
+        "dashboard": done.dashboard,
     }
-    sink.commit(out_fs, out, manifest)
-    return manifest
 
 
-def outcome(listing: source.Listing, written: int, failed: int, partitions: int, staged: list[dict],
-            pca: reduce.Pca, timings: dict, featurized: int) -> dict:
+def outcome(listing: source.Listing, done: Done, timings: dict, featurized: int) -> dict:
     """The manifest's figures of one command (a run or an update): counts, PCA, timings and speed."""
     return {
         "counts": {
             "listed": len(listing.rows),
-            "written": written,
-            "failed": failed,
+            "written": done.written,
+            "failed": len(done.errors),
             "skipped_non_images": listing.skipped,
-            "partitions": partitions,
-            "partitions_resumed": sum(part["resumed"] for part in staged),
+            "partitions": done.parts,
+            "partitions_resumed": sum(part["resumed"] for part in done.staged),
         },
-        "pca": {"n_components": pca.n_components, "variance_kept": pca.variance_kept, "n_samples": pca.n_samples},
+        "pca": {"n_components": done.pca.n_components, "variance_kept": done.pca.variance_kept, "n_samples": done.pca.n_samples},
         "timings_s": timings,
-        "worker_seconds": worker_seconds(staged),
+        "worker_seconds": worker_seconds(done.staged),
         "images_per_s": {
             "featurize": featurized / timings["featurize"] if featurized else 0.0,
             "list_to_output": featurized / sum(v for k, v in timings.items() if k != "cluster start"),
         },
     }
-
-
-def existing_output(fs, out: str, url: str, resume: bool, overwrite: bool) -> str:
-    """What to do with what the output already holds: "new", "resume" or "complete"; never a silent mix."""
-    interrupted = sink.exists(fs, out, sink.RUN)
-    complete = sink.exists(fs, out, sink.MANIFEST)
-    if resume and interrupted:
-        return "resume"
-    if resume and complete:
-        return "complete"
-    if not overwrite and (interrupted or complete or any(sink.exists(fs, out, name) for name in sink.FINAL)):
-        if interrupted:
-            raise UsageError(f"{url} already holds an interrupted run: pass --resume to finish it, "
-                             "--overwrite to replace it, or choose another --output")
-        raise UsageError(f"{url} already holds a finished output: pass --overwrite to replace it, use "
-                         f"`python -m pipeline update --output {url}` to bring it up to date, or choose another --output")
-    sink.remove(fs, out, sink.STAGING)  # an earlier output stays until this run commits
-    return "new"
-
-
-def save_plan(fs, out: str, s: Settings, listing: source.Listing, weights: featurize.Weights, **about) -> None:
-    """Record what --resume needs to finish this run the same way: settings, weights and listing.
-
-    `about`: the command ("run" or "update") and, for an update, the output version it started from.
-    """
-    sink.write_parquet(fs, f"{out}/{sink.LISTING}", pa.Table.from_pandas(listing.rows, preserve_index=False))
-    plan = {"settings": resume_settings(s), "weights": dataclasses.asdict(weights), "skipped": listing.skipped} | about
-    sink.write_json(fs, f"{out}/{sink.RUN}", plan)
-
-
-def resume_plan(fs, out: str, url: str, s: Settings, command: str = "run") -> tuple[source.Listing, featurize.Weights]:
-    """The listing and weights of the interrupted `command` in `out`, if it had the same settings as `s`."""
-    plan = sink.read_json(fs, f"{out}/{sink.RUN}")
-    if plan.get("command", "run") != command:
-        raise UsageError(
-            f"{url} holds an interrupted {plan['command']}: finish it with `python -m pipeline {plan['command']}"
-            f"{' --resume' if plan['command'] == 'run' else ''} --output {url}`, or delete {url}/{sink.STAGING} to give it up"
-        )
-    now = resume_settings(s)
-    changed = [f"{key} {plan['settings'][key]!r} there, {now[key]!r} now" for key in now if plan["settings"].get(key) != now[key]]
-    if changed:
-        again = "pass --overwrite to start again" if command == "run" else f"delete {url}/{sink.STAGING} to give it up"
-        raise UsageError(
-            f"the interrupted {command} in {url} had other settings ({'; '.join(changed)}): finish it with "
-            f"the same settings, or {again}"
-        )
-    listing_fs, root = source.open_url(s.input, s.storage_options)
-    rows = sink.read_parquet(fs, f"{out}/{sink.LISTING}").to_pandas()
-    return source.Listing(listing_fs, root, rows, plan["skipped"]), featurize.Weights(**plan["weights"])
-
-
-def resume_settings(s: Settings) -> dict:
-    """The settings that decide a run's rows and features, as JSON data."""
-    return json.loads(json.dumps({key: getattr(s, key) for key in RESUME_KEYS}))
 
 
 def stage_features(client, listing, key, s: Settings, out_fs, out: str, progress: bool, resources=None,
@@ -261,28 +274,6 @@ def write_output(client, parts: list[sink.OutputPart], n_rows: int, out_fs, out:
             bar.update(rows)
             written += rows
     return written
-
-
-def check_writable(fs, path: str, url: str) -> None:
-    """Fail before any work if the output cannot be written."""
-    probe = f"{path}/{sink.STAGING}/.write-test"
-    with output_errors(url):
-        sink.make_folder(fs, f"{path}/{sink.STAGING}")
-        fs.pipe_file(probe, b"")
-        fs.rm_file(probe)
-
-
-@contextlib.contextmanager
-def output_errors(url: str):
-    """Turn any failure to use the output into one usage error that says what to do."""
-    try:
-        yield
-    except UsageError:
-        raise
-    except Exception as error:  # each storage backend fails its own way (no credentials, read-only...)
-        raise UsageError(
-            f"cannot write to output {url}: {type(error).__name__}: {error}; choose a writable folder or bucket"
-        ) from None
 
 
 def progress_bar(stage: str, images: int, show: bool) -> tqdm:

@@ -33,8 +33,9 @@ from PIL import Image
 
 import cluster
 
-from . import config, featurize, images, job, reduce, report, sink, source
+from . import config, featurize, images, job, reduce, sink, source
 from .config import UsageError
+from .output import Output
 
 log = logging.getLogger("pipeline")
 CLASSIFIER = "recognizer.npz"  # beside the output's manifest
@@ -248,7 +249,7 @@ class Recognizer:
         """Read what recognizing needs of a finished output; the classifier is trained here the first time."""
         storage_options = dict(storage_options or {})
         fs, root = source.open_url(output, storage_options)
-        manifest = report.finished_manifest(fs, root, source.full_url(fs, root))
+        manifest = Output(fs, root, source.full_url(fs, root)).manifest()
         key = model_key(manifest)
         featurize.resolve_weights(key.model, key.weights, key.seed, storage_options)  # ImageNet's or the file: there, or say how
         pca = reduce.Pca.load(fs, f"{root}/{sink.PCA}")
@@ -378,7 +379,7 @@ def recognize_folder(recognizer: Recognizer, listing: source.Listing, to: str, s
     """
     out_fs, out = source.open_url(to, s.storage_options)
     url = source.full_url(out_fs, out)
-    job.check_writable(out_fs, out, url)
+    Output(out_fs, out, url).check_writable()
     sink.remove(out_fs, out, sink.STAGING)
     staged = job.stage_features(client, listing, recognizer.key, s, out_fs, out, progress,
                                 cluster.featurize_resources(client, s.gpu))

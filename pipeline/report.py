@@ -12,7 +12,6 @@ import base64
 import dataclasses
 import html
 import io
-import json
 from datetime import datetime
 
 import dask.config
@@ -23,7 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
 from . import images, reduce, sink, source
-from .config import UsageError
+from .output import Output
 
 PAGE = "report.html"
 DPI = 100  # pixels per inch of the PNG files: a figure of 8 × 4.5 inches is 800 × 450 pixels
@@ -56,7 +55,7 @@ def load(output: str, storage_options: dict | None = None) -> Results:
     """Read what the report needs from a finished run's output folder or URL."""
     fs, root = source.open_url(output, storage_options or {})
     url = source.full_url(fs, root)
-    manifest = finished_manifest(fs, root, url)
+    manifest = Output(fs, root, url).manifest()
     pca = reduce.Pca.load(fs, f"{root}/{sink.PCA}")
     labels, coords = [], []
     for part in sorted(fs.glob(f"{root}/{sink.IMAGES}/*.parquet")):
@@ -71,19 +70,6 @@ def load(output: str, storage_options: dict | None = None) -> Results:
         labels, coords = labels[keep], coords[keep]
     errors = sink.read_parquet(fs, f"{root}/{sink.ERRORS}").to_pandas()
     return Results(url, manifest, pca, labels, coords, n_images, errors)
-
-
-def finished_manifest(fs, root: str, url: str) -> dict:
-    """The manifest of the finished run in `root`, or a UsageError saying what to give instead."""
-    try:
-        with fs.open(f"{root}/{sink.MANIFEST}", "r") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        if fs.exists(f"{root}/{sink.STAGING}"):
-            raise UsageError(f"{url} holds an unfinished run: finish it with `pipeline run --resume` and the same options") from None
-        raise UsageError(f"no {sink.MANIFEST} in {url}: give the --output of a finished `pipeline run`") from None
-    except Exception as error:  # each storage backend fails its own way (no credentials, no endpoint...)
-        raise UsageError(f"cannot read output {url}: {type(error).__name__}: {error}") from None
 
 
 def write(results: Results, folder: str | None = None, storage_options: dict | None = None) -> list[str]:

@@ -9,7 +9,6 @@ import asyncio
 import base64
 import http.server
 import json
-import pathlib
 import socket
 import threading
 import time

@@ -201,7 +201,8 @@ def test_an_interrupted_run_is_a_one_line_usage_error_saying_how_to_finish_it(tm
     (tmp_path / "_staging" / "run.json").write_text("{}")
     result = pipeline_evaluate(str(tmp_path))
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: {tmp_path} holds an unfinished run: finish it with `pipeline run --resume` and the same options"
+    assert result.stderr.strip() == (f"error: {tmp_path} holds an unfinished run: finish it with "
+                                     f"`python -m pipeline run --resume --output {tmp_path}` and the same options")
 
 
 def test_a_single_label_is_a_one_line_usage_error(tmp_path):

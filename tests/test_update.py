@@ -188,5 +188,5 @@ def test_an_interrupted_update_leaves_the_output_as_it_was_and_running_it_again_
 
 
 def test_updating_what_is_not_a_finished_output_says_what_to_do(tmp_path):
-    with pytest.raises(UsageError, match="holds no finished output to update: make one with `python -m pipeline run"):
+    with pytest.raises(UsageError, match="no manifest.json in .*: give the --output of a finished `pipeline run`"):
         pipeline.update(pipeline.settings(output=str(tmp_path)), **QUIET)
