@@ -8,6 +8,7 @@ and the new version is committed like a run: the old one stays whole until the n
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from datetime import datetime, timezone
 from typing import Callable
@@ -152,22 +153,28 @@ def partitions(out: str, old_rows: pd.DataFrame, changes: Changes, staged: list[
 
     Each part of the previous output keeps its range of paths and takes the new rows that sort
     into it; a range given more than `size` new rows is cut at new paths, so no part grows
-    beyond its own rows and `size` more.
+    beyond its own rows and `size` more. Each part is told only its own paths to drop.
     """
     new_paths = list(changes.featurize.path)  # sorted, in the order the staged partitions hold them
     spans = [(new_paths[i], new_paths[min(i + size, len(new_paths)) - 1], part["staged"])
              for i, part in zip(range(0, len(new_paths), size), staged) if part["rows"]]
+    span_firsts, span_lasts = [first for first, _, _ in spans], [last for _, last, _ in spans]
     firsts = sorted(old_rows.groupby("part").path.min().items(), key=lambda item: item[1])  # (part, first path)
-    old = [(f"{out}/{sink.IMAGES}/{name}", low if i else None, firsts[i + 1][1] if i + 1 < len(firsts) else None)
+    dropped = {name: frozenset(paths) for name, paths in old_rows[old_rows.path.isin(changes.drop)].groupby("part").path}
+    old = [(name, low if i else None, firsts[i + 1][1] if i + 1 < len(firsts) else None)
            for i, (name, low) in enumerate(firsts)] or [(None, None, None)]
-    ranges = []
-    for previous, low, high in old:
-        inside = [p for p in new_paths if (low is None or p >= low) and (high is None or p < high)]
-        cuts = [low, *inside[size::size], high]
-        ranges += [(previous, a, b) for a, b in zip(cuts, cuts[1:])]
     parts = []
-    for previous, low, high in ranges:
-        staged_here = tuple(path for first, last, path in spans if (high is None or first < high) and (low is None or last >= low))
-        if previous or staged_here:
-            parts.append(sink.OutputPart(sink.part_name(len(parts)), staged_here, previous, changes.drop, low, high))
+    for name, low, high in old:
+        inside = new_paths[position(new_paths, low, 0) : position(new_paths, high, len(new_paths))]
+        cuts = [low, *inside[size::size], high]
+        for a, b in zip(cuts, cuts[1:]):
+            staged_here = tuple(path for _, _, path in spans[position(span_lasts, a, 0) : position(span_firsts, b, len(spans))])
+            if name or staged_here:
+                previous = f"{out}/{sink.IMAGES}/{name}" if name else None
+                parts.append(sink.OutputPart(sink.part_name(len(parts)), staged_here, previous, dropped.get(name, frozenset()), a, b))
     return parts
+
+
+def position(sorted_paths: list[str], path: str | None, otherwise: int) -> int:
+    """Where `path` would sort into `sorted_paths` (before its equals); `otherwise` for None, an open end."""
+    return otherwise if path is None else bisect.bisect_left(sorted_paths, path)

@@ -146,8 +146,8 @@ def featurize_fit_write(
 
     run and update differ only in what they list, how they fit (`fit_on`: given the client) and
     which parts they write (`parts_of`: given the staged partitions, the parts and the rows they
-    will hold); the errors of images not
-    featurized again (`kept_errors`) join the new ones. Everything is written under _staging/.
+    will hold); the errors of images not featurized again (`kept_errors`) join the new ones.
+    Everything is written under _staging/.
     """
     key = featurize.ModelKey(s.model, s.image_size, weights.used, s.seed, s.backend)
     with on_cluster(s, client, say, timings) as client:
