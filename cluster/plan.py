@@ -139,12 +139,10 @@ def worker_hardware(spec: specs.Local | specs.Ec2) -> tuple[int | None, bool]:
 
 def measured_rate(output: str) -> Rate:
     """The images/s per worker of a finished run: its featurize images/s ÷ its worker processes (manifest.json)."""
-    from pipeline import source
     from pipeline.output import Output
 
-    fs, root = source.open_url(output, dict(dask.config.get("pipeline.storage-options") or {}))
-    url = source.full_url(fs, root)
-    manifest = Output(fs, root, url).manifest()
+    out = Output.at(output, dict(dask.config.get("pipeline.storage-options") or {}))
+    url, manifest = out.url, out.manifest()
     size = manifest.get("cluster") or {}
     if not size.get("workers"):
         raise UsageError(

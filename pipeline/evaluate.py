@@ -68,9 +68,9 @@ class Split:
 
 def load(output: str, storage_options: dict | None = None) -> Images:
     """Read labels, splits and PCA coordinates (projecting features where k > kept) of a finished run."""
-    fs, root = source.open_url(output, storage_options or {})
-    url = source.full_url(fs, root)
-    manifest = Output(fs, root, url).manifest()
+    out = Output.at(output, storage_options or {})
+    fs, root, url = out.fs, out.path, out.url
+    manifest = out.manifest()
     pca = reduce.Pca.load(fs, f"{root}/{sink.PCA}")
     kept = pca.n_components
     k_values = sorted({k for k in K_VALUES if k <= len(pca.components)} | {kept})

@@ -248,8 +248,8 @@ class Recognizer:
     def load(cls, output: str, storage_options: dict | None = None, *, client=None) -> "Recognizer":
         """Read what recognizing needs of a finished output; the classifier is trained here the first time."""
         storage_options = dict(storage_options or {})
-        fs, root = source.open_url(output, storage_options)
-        manifest = Output(fs, root, source.full_url(fs, root)).manifest()
+        out = Output.at(output, storage_options)
+        fs, root, manifest = out.fs, out.path, out.manifest()
         key = model_key(manifest)
         featurize.resolve_weights(key.model, key.weights, key.seed, storage_options)  # ImageNet's or the file: there, or say how
         pca = reduce.Pca.load(fs, f"{root}/{sink.PCA}")

@@ -53,9 +53,9 @@ class Results:
 
 def load(output: str, storage_options: dict | None = None) -> Results:
     """Read what the report needs from a finished run's output folder or URL."""
-    fs, root = source.open_url(output, storage_options or {})
-    url = source.full_url(fs, root)
-    manifest = Output(fs, root, url).manifest()
+    out = Output.at(output, storage_options or {})
+    fs, root, url = out.fs, out.path, out.url
+    manifest = out.manifest()
     pca = reduce.Pca.load(fs, f"{root}/{sink.PCA}")
     labels, coords = [], []
     for part in sorted(fs.glob(f"{root}/{sink.IMAGES}/*.parquet")):
