@@ -14,6 +14,7 @@ the pipeline also runs on the first --baseline of them, to compare each process'
 
     .venv/bin/python benchmarks/throughput.py                 # the 2,134 apples (about 4 minutes on 2 cores)
     .venv/bin/python benchmarks/throughput.py --count 20000   # 20,000 made from them (about 25 minutes)
+    .venv/bin/python benchmarks/throughput.py --count 20000 --local --no-s3   # from a local folder only (about 12 minutes)
     .venv/bin/python benchmarks/throughput.py --limit 300 --no-spark   # a quick try
     .venv/bin/python benchmarks/throughput.py --count 20000 --local --no-spark --image-size 32   # the data path
 
@@ -46,7 +47,7 @@ DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "fruits-360-apples"
 BUCKET, OUTPUT = "fruits", "out"
 FAKE_AWS = {"AWS_ACCESS_KEY_ID": "bench-key", "AWS_SECRET_ACCESS_KEY": "bench-secret", "AWS_DEFAULT_REGION": "us-east-1"}
 TIMEOUT_S = 3 * 3600
-GOALS = {"vs bare": 0.9, "vs spark": 3.0, "memory": 1.25, "gpu stage": 0.8, "gpu busy": 80, "gpu rest": 20}
+GOALS = {"vs bare": 0.9, "vs spark": 3.0, "local vs spark": 1.15, "memory": 1.25, "gpu stage": 0.8, "gpu busy": 80, "gpu rest": 20}
 # Start-up chatter of TensorFlow (C++ logs) and Spark (log4j, JVM), left out of the stderr shown.
 NOISE = ("I0000 ", "W0000 ", "E0000 ", "WARNING: All log messages before absl", "To enable the following instructions",
          "WARNING: Using incubator", "Using Spark's default", "Setting default log level", "To adjust logging level",
@@ -86,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-spark", action="store_true", help="leave out the PySpark peer")
     parser.add_argument("--local", action="store_true",
                         help="also run the pipeline from the local folder the PySpark peer reads")
+    parser.add_argument("--no-s3", action="store_true",
+                        help="with --local: leave out moto S3 (the pipeline from the local folder only; half the time)")
     parser.add_argument("--report", type=pathlib.Path, default=None,
                         help="save the pipeline's Dask performance report here (HTML)")
     parser.add_argument("--workdir", type=pathlib.Path, default=None,
@@ -119,6 +122,13 @@ def prepare_images(args: argparse.Namespace, target: pathlib.Path) -> tuple[list
 
 
 # --- moto S3 -----------------------------------------------------------------------------------------
+
+
+def copy_images(folder: pathlib.Path, relative: list[str], target: pathlib.Path) -> None:
+    """Copy these images of `folder` into `target`, keeping their relative paths (labels and splits)."""
+    for path in relative:
+        (target / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(folder / path, target / path)
 
 
 def start_s3() -> tuple[object, str]:
@@ -490,7 +500,7 @@ def print_data_path(runs: dict, bare: dict, cores: int) -> None:
           f"{bare['device']}): bare model {1 / bare_s:.0f} images/s")
     for name in ("pipeline", "local"):
         manifest = runs.get(name, {}).get("manifest")
-        if not manifest:
+        if not manifest or (name == "pipeline" and runs["pipeline"] is runs.get("local")):
             continue
         stage_s = manifest["timings_s"]["featurize"] / manifest["counts"]["listed"]
         cost = max(stage_s - bare_s, 0.0) * cores
@@ -562,6 +572,8 @@ def main(argv: list[str] | None = None) -> int:
     spark_available = not args.no_spark and shutil.which("java") and __import__("importlib").util.find_spec("pyspark")
     if not args.no_spark and not spark_available:
         sys.exit("error: the PySpark peer needs `pip install -e '.[bench]'` and Java 17+ (or pass --no-spark)")
+    if args.no_s3 and not args.local:
+        sys.exit("error: --no-s3 needs --local (the pipeline must read from somewhere)")
     workdir = args.workdir or pathlib.Path(tempfile.mkdtemp(prefix="pipeline-bench-"))
     folder = workdir / "images"
     print(f"machine: {machine()}; {load()} at the start", flush=True)
@@ -574,33 +586,48 @@ def main(argv: list[str] | None = None) -> int:
     checks: list[tuple[str, str, bool]] = []
     runs: dict[str, dict] = {}
     baseline = args.count and args.baseline and args.baseline < n
-    server, endpoint = start_s3()
-    try:
-        import s3fs
-
-        fs = s3fs.S3FileSystem(endpoint_url=endpoint)
-        upload_s = upload(fs, folder, s3_images + others, "all")
-        print(f"moto S3 at {endpoint}: uploaded {len(s3_images) + len(others)} files in {upload_s:.0f} s", flush=True)
+    moto_cpu = None
+    if args.no_s3:  # the local run stands in for the S3 one: its output is checked, its memory compared
         if baseline:
-            upload(fs, folder, images[: args.baseline], "baseline")
+            copy_images(folder, images[: args.baseline], workdir / "baseline")
             runs["baseline"] = run_pipeline(f"pipeline on the first {args.baseline} images",
-                                            pipeline_command(endpoint, f"s3://{BUCKET}/baseline", f"s3://{BUCKET}/out-baseline",
-                                                             args, None))
-        cpu_before = time.process_time()
-        runs["pipeline"] = run_pipeline(f"pipeline on {len(s3_images)} images",
-                                        pipeline_command(endpoint, f"s3://{BUCKET}/all", f"s3://{BUCKET}/{OUTPUT}",
-                                                         args, args.report))
-        moto_cpu = time.process_time() - cpu_before  # this process only serves S3 (and polls) meanwhile
+                                            pipeline_command("", str(workdir / "baseline"), str(workdir / "out-baseline"), args, None))
+        runs["pipeline"] = runs["local"] = run_pipeline("pipeline from the local folder",
+                                                        pipeline_command("", str(folder), str(workdir / "out-local"), args, args.report))
         if runs["pipeline"]["manifest"] is None:
             print(f"FAIL  the pipeline failed (exit code {runs['pipeline']['rc']}); stdout:\n{runs['pipeline']['stdout'][-3000:]}")
             return 1
-        output = read_output(fs, f"{BUCKET}/{OUTPUT}")
-    finally:
-        server.stop()
+        import fsspec
+
+        s3_images, output = images, read_output(fsspec.filesystem("file"), str(workdir / "out-local"))
+    else:
+        server, endpoint = start_s3()
+        try:
+            import s3fs
+
+            fs = s3fs.S3FileSystem(endpoint_url=endpoint)
+            upload_s = upload(fs, folder, s3_images + others, "all")
+            print(f"moto S3 at {endpoint}: uploaded {len(s3_images) + len(others)} files in {upload_s:.0f} s", flush=True)
+            if baseline:
+                upload(fs, folder, images[: args.baseline], "baseline")
+                runs["baseline"] = run_pipeline(f"pipeline on the first {args.baseline} images",
+                                                pipeline_command(endpoint, f"s3://{BUCKET}/baseline", f"s3://{BUCKET}/out-baseline",
+                                                                 args, None))
+            cpu_before = time.process_time()
+            runs["pipeline"] = run_pipeline(f"pipeline on {len(s3_images)} images",
+                                            pipeline_command(endpoint, f"s3://{BUCKET}/all", f"s3://{BUCKET}/{OUTPUT}",
+                                                             args, args.report))
+            moto_cpu = time.process_time() - cpu_before  # this process only serves S3 (and polls) meanwhile
+            if runs["pipeline"]["manifest"] is None:
+                print(f"FAIL  the pipeline failed (exit code {runs['pipeline']['rc']}); stdout:\n{runs['pipeline']['stdout'][-3000:]}")
+                return 1
+            output = read_output(fs, f"{BUCKET}/{OUTPUT}")
+        finally:
+            server.stop()
     checks += check_manifest(runs["pipeline"], output, s3_images, others) + check_table(output, s3_images, n_features)
     checks += check_pca(output, n_features)
 
-    if args.local:
+    if args.local and not args.no_s3:
         runs["local"] = run_pipeline("pipeline from the local folder",
                                      pipeline_command("", str(folder), str(workdir / "out-local"), args, None))
     print(f"bare model on {min(n, args.bare_limit or n)} images", flush=True)
@@ -628,28 +655,33 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     if bare:
         rows.append(("bare model (decoded in memory)", bare["images"], bare["seconds"], runs["bare"]["memory"]["peak_total"]))
-    rows.append(("pipeline, moto S3 → parquet, whole command", len(s3_images), runs["pipeline"]["seconds"],
-                 runs["pipeline"]["memory"]["peak_total"]))
+    if not args.no_s3:
+        rows.append(("pipeline, moto S3 → parquet, whole command", len(s3_images), runs["pipeline"]["seconds"],
+                     runs["pipeline"]["memory"]["peak_total"]))
     if "local" in runs and runs["local"]["rc"] == 0:
         rows.append(("pipeline, local folder → parquet", n, runs["local"]["seconds"], runs["local"]["memory"]["peak_total"]))
     if "spark" in runs and runs["spark"]["rc"] == 0:
         rows.append(("PySpark peer, local folder → parquet", n, runs["spark"]["seconds"], runs["spark"]["memory"]["peak_total"]))
     if baseline:
-        rows.append((f"pipeline, moto S3, first {args.baseline} (memory)", args.baseline, runs["baseline"]["seconds"],
+        rows.append((f"pipeline, {'local folder' if args.no_s3 else 'moto S3'}, first {args.baseline} (memory)", args.baseline, runs["baseline"]["seconds"],
                      runs["baseline"]["memory"]["peak_total"]))
     print_table(rows, bare_speed)
     print(f"({load()} at the end; peak RSS: the process and its children, summed at the peak; "
           "the PySpark peer reads a local folder: Spark reads S3 only through the hadoop-aws jars)")
 
-    pipeline_speed = len(s3_images) / runs["pipeline"]["seconds"]
     goals = []
-    if bare_speed:
-        goals.append(("pipeline images/s / bare model's", f"{pipeline_speed / bare_speed:.2f} (goal ≥ {GOALS['vs bare']})",
-                      pipeline_speed / bare_speed >= GOALS["vs bare"]))
-    if "spark" in runs and runs["spark"]["rc"] == 0:
-        ratio = runs["spark"]["seconds"] / runs["pipeline"]["seconds"]
-        goals.append(("pipeline images/s / PySpark peer's", f"{ratio:.2f} (goal ≥ {GOALS['vs spark']})", ratio >= GOALS["vs spark"]))
-    print_breakdown(runs["pipeline"], moto_cpu)
+    for name, run, spark_goal in [("", runs["pipeline"], GOALS["vs spark"]), ("local folder: ", runs.get("local"), GOALS["local vs spark"])]:
+        if not run or run["rc"] or (name == "" and args.no_s3):
+            continue
+        speed = (n if name else len(s3_images)) / run["seconds"]
+        if bare_speed:
+            goals.append((f"{name}pipeline images/s / bare model's", f"{speed / bare_speed:.2f} (goal ≥ {GOALS['vs bare']})",
+                          speed / bare_speed >= GOALS["vs bare"]))
+        if "spark" in runs and runs["spark"]["rc"] == 0:
+            ratio = speed / (n / runs["spark"]["seconds"])
+            goals.append((f"{name}pipeline images/s / PySpark peer's", f"{ratio:.2f} (goal ≥ {spark_goal})", ratio >= spark_goal))
+    if not args.no_s3:
+        print_breakdown(runs["pipeline"], moto_cpu)
     if "local" in runs and runs["local"]["manifest"]:
         print_breakdown(runs["local"], None, "pipeline from the local folder")
     if bare:

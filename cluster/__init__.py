@@ -25,6 +25,9 @@ SCHEDULER_PROTOCOLS = ("tcp://", "tls://", "ucx://", "inproc://")
 # Featurize tasks ask for half a GPU: two partitions at once per GPU worker, one in the model
 # (one inference at a time per process) while the other is read and decoded.
 FEATURIZE_GPU_SHARE = 0.5
+# A LocalCluster starts no more CPU worker processes than memory gives each this much: a worker
+# featurizing at 224 px on CPU peaked at 1.7-1.9 GiB (docs/performance.md), plus room beside it.
+MEMORY_PER_PROCESS = 3 * 2**30
 SCHEDULER_PROBE_S = 5  # how long a scheduler address may take to accept a connection before a run refuses it
 
 
@@ -103,16 +106,23 @@ def on_this_machine(address: str) -> bool:
 
 
 def local_size(n_workers: int | None, threads_per_worker: int | None, gpus: int | None = None) -> tuple[int, int]:
-    """Worker processes and threads for this machine: one process per 4 cores, or one per GPU.
+    """Worker processes and threads for this machine: one process per GPU, else one per 4 cores, at
+    least two on two cores or more, as far as memory allows each one `MEMORY_PER_PROCESS`.
 
     Each process holds one copy of the model and runs one inference at a time on all its threads;
-    its other threads read and decode the next partition meanwhile. With GPUs, each process
-    drives its own GPU and its threads decode for it.
+    its other threads read and decode the next partition meanwhile, and a second process computes
+    while the first decodes (on 2 cores, 2 × 1 featurizes faster than 1 × 2: docs/performance.md).
+    With GPUs, each process drives its own GPU and its threads decode for it.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     gpus = local_gpus() if gpus is None else gpus
-    n_workers = n_workers or gpus or max(1, cores // 4)
+    n_workers = n_workers or gpus or max(1, min(max(2, cores // 4), cores, memory() // MEMORY_PER_PROCESS))
     return n_workers, threads_per_worker or max(1, cores // n_workers)
+
+
+def memory() -> int:
+    """This machine's memory in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def local_gpus() -> int:

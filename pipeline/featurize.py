@@ -23,7 +23,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
-import pandas as pd
 
 from . import images, sink, source
 from .config import UsageError
@@ -416,7 +415,8 @@ def batch_size_for(setting: int | str, gpu: bool) -> int:
 
 
 def featurize_partition(
-    rows: pd.DataFrame,
+    partitions: str,
+    index: int,
     listing_fs,
     root: str,
     key: ModelKey,
@@ -426,9 +426,11 @@ def featurize_partition(
     output_fs,
     staged_path: str,
 ) -> dict:
-    """Read, decode and featurize one partition's images; stage the features with their errors and timings."""
+    """Read, decode and featurize partition `index` of the `partitions` file (sink.write_partitions); stage
+    its features with their errors and timings."""
     seconds = {}
     started = time.perf_counter()
+    rows = sink.partition_rows(output_fs, partitions, index)
     blobs = source.read_many(listing_fs, [f"{root}/{path}" for path in rows["path"]])
     seconds["read"] = time.perf_counter() - started
 

@@ -121,29 +121,27 @@ class UpdateFit:
 
 
 def compare(listing: pd.DataFrame, rows: pd.DataFrame, errors: pd.DataFrame) -> Changes:
-    """What changed between the output and the listing, by path and identity.
+    """What changed between the output and the listing, by path and identity, in whole columns.
 
     An image is redone when it is new, when its identity changed (replaced under the same name),
     or when it could not be read last time (a transient failure, perhaps); one that failed to
     decode stays an error until it changes.
     """
-    known = dict(zip(rows.path, rows.identity))
-    failed = {path: (identity, stage) for path, identity, stage in zip(errors.path, errors.identity, errors.stage)}
-    last_seen = {path: identity for path, (identity, _) in failed.items()} | known  # identity at the last version
-    redo = [
-        path not in last_seen or last_seen[path] != identity or failed.get(path, (None, "decode"))[1] != "decode"
-        for path, identity in zip(listing.path, listing.identity)
-    ]
-    todo = listing[redo]
-    seen_before = todo.path.isin(last_seen.keys())
-    gone = set(last_seen) - set(listing.path)
-    drop = frozenset(gone | set(todo.path[seen_before]))
+    last = pd.concat([errors[["path", "identity", "stage"]], rows[["path", "identity"]]])  # identity at the last version
+    last = last.drop_duplicates("path", keep="last")  # a row there outweighs an error
+    seen = listing[["path", "identity"]].merge(last, on="path", how="left", suffixes=("", "_last"), indicator=True)
+    new = (seen["_merge"] == "left_only").to_numpy()
+    changed = ~new & (seen["identity"] != seen["identity_last"]).to_numpy(bool, na_value=True)
+    retried = ~new & (seen["stage"].notna() & (seen["stage"] != "decode")).to_numpy(bool, na_value=False)
+    redo = new | changed | retried
+    gone = last.path[~last.path.isin(listing.path)]
+    drop = frozenset(gone) | frozenset(listing.path[redo & ~new])
     return Changes(
-        featurize=todo,
+        featurize=listing[redo],
         drop=drop,
         kept_errors=errors[~errors.path.isin(drop)],
-        added=int((~seen_before).sum()),
-        replaced=sum(last_seen[path] != identity for path, identity in zip(todo.path[seen_before], todo.identity[seen_before])),
+        added=int(new.sum()),
+        replaced=int(changed.sum()),
         removed=len(gone),
     )
 

@@ -210,6 +210,7 @@ def outcome(listing: source.Listing, done: Done, timings: dict, featurized: int)
             "skipped_non_images": listing.skipped,
             "partitions": done.parts,
             "partitions_resumed": sum(part["resumed"] for part in done.staged),
+            "partitions_redone": sum(part.get("redone", False) for part in done.staged),
         },
         "pca": {"n_components": done.pca.n_components, "variance_kept": done.pca.variance_kept, "n_samples": done.pca.n_samples},
         "timings_s": timings,
@@ -225,34 +226,49 @@ def stage_features(client, listing, key, s: Settings, out_fs, out: str, progress
                    staged_one: Callable[[int, str], None] = lambda index, path: None) -> list[dict]:
     """Featurize every partition on the workers (those with `resources`) and stage its features, in order.
 
+    Each task is given its partition's number in `_staging/partitions.arrow`, not its rows, and
+    its result is let go once read, so that a worker lost later is not asked to redo it.
     Partitions an interrupted run already staged are not featurized again: their summary is read back.
     `staged_one(index, path)` is called as each partition with rows is staged (or found staged).
+    The partitions redone because a worker was lost are counted in each result's "redone".
     """
     sink.make_folder(out_fs, f"{out}/{sink.STAGED}")
     done = set(out_fs.find(f"{out}/{sink.STAGED}"))
-    size = s.images_per_partition
-    parts = [listing.rows.iloc[start : start + size] for start in range(0, len(listing.rows), size)]
+    size, todo = s.images_per_partition, f"{out}/{sink.PARTITIONS}"
+    n_parts = sink.write_partitions(out_fs, todo, listing.rows, size)
     futures = {}
-    for index, rows in enumerate(parts):
+    for index in range(n_parts):
         staged = f"{out}/{sink.STAGED}/{sink.part_name(index)}"
         if staged in done:
             future = client.submit(sink.staged_summary, out_fs, staged, key=f"resume-{index}-{client.id}")
         else:
             future = client.submit(
-                featurize.featurize_partition, rows, listing.fs, listing.root, key, s.batch_size,
+                featurize.featurize_partition, todo, index, listing.fs, listing.root, key, s.batch_size,
                 s.max_image_pixels, s.storage_options, out_fs, staged, key=f"featurize-{index}-{client.id}",
                 resources=resources,
             )
-        futures[future] = (index, staged, len(rows))
-    results: list[dict] = [{}] * len(parts)
+        futures[future] = (index, staged, min(size, len(listing.rows) - index * size))
+    featurizing = {future.key for future in futures if future.key.startswith("featurize-")}
+    results: list[dict] = [{}] * n_parts
     with progress_bar("featurize", len(listing.rows), progress) as bar:
-        for future, result in as_completed(futures, with_results=True):
-            index, staged, n_images = futures[future]
+        for future, result in as_completed(list(futures), with_results=True):
+            index, staged, n_images = futures.pop(future)
             results[index] = result | {"staged": staged, "images": n_images, "resumed": staged in done}
             if result["rows"]:
                 staged_one(index, staged)
             bar.update(n_images)
+    for index in redone(client, featurizing):
+        results[index]["redone"] = True
     return results
+
+
+def redone(client, keys: set[str]) -> list[int]:
+    """The partitions among `keys` that a lost worker was computing, or held unread: the scheduler redid them."""
+    lost = set()
+    for _, event in client.get_events("all"):
+        if isinstance(event, dict) and event.get("action") == "remove-worker":
+            lost |= keys & {str(key) for key in [*event.get("processing-tasks", ()), *event.get("lost-computed-tasks", ())]}
+    return sorted(int(key.split("-")[1]) for key in lost)
 
 
 def write_output(client, parts: list[sink.OutputPart], n_rows: int, out_fs, out: str, progress: bool) -> int:

@@ -13,6 +13,7 @@ Layout under the output folder:
     evaluation/                        a classifier's scores, by `python -m pipeline evaluate` (evaluate.py)
     _staging/                          the run in progress, removed when it is committed:
       run.json, listing.parquet        what --resume (or a rerun of `update`) needs to finish it alike
+      partitions.arrow                 the images to featurize, one record batch per partition
       features/part-NNNNN.parquet      one partition's features, errors and timings; there = done
       images.parquet/, errors.parquet, pca.npz   the new output, moved into place at commit
 
@@ -41,6 +42,7 @@ PCA = "pca.npz"
 STAGING = "_staging"
 RUN = f"{STAGING}/run.json"
 LISTING = f"{STAGING}/listing.parquet"
+PARTITIONS = f"{STAGING}/partitions.arrow"
 STAGED = f"{STAGING}/features"
 FINAL = (IMAGES, ERRORS, PCA)  # moved from _staging into place at commit, then the manifest
 REPORT = "report"
@@ -74,7 +76,7 @@ def matrix(column: pa.ChunkedArray | pa.Array, width: int) -> np.ndarray:
 
 def rows_table(rows: pd.DataFrame, **vectors: np.ndarray) -> pa.Table:
     """path, label, split, identity, then one list<float32> column per named matrix."""
-    columns = {name: pa.array(rows[name].tolist(), pa.string()) for name in ("path", "label", "split", "identity")}
+    columns = {name: pa.Array.from_pandas(rows[name], type=pa.string()) for name in ("path", "label", "split", "identity")}  # NaN, NA → null
     columns.update({name: list_array(values) for name, values in vectors.items()})
     return pa.table(columns)
 
@@ -108,6 +110,29 @@ def read_parquet(fs, path: str, columns: list[str] | None = None) -> pa.Table:
     """
     with fs.open(path, "rb") as f:
         return pq.ParquetFile(f).read(columns=columns)
+
+
+def write_partitions(fs, path: str, rows: pd.DataFrame, size: int) -> int:
+    """Write the images to featurize, one Arrow record batch of `size` rows per partition; returns how many.
+
+    A task is then given its partition's number, not its rows: neither the scheduler nor the
+    tasks it holds grow with the listing (Arrow's file footer indexes the batches).
+    """
+    table = pa.Table.from_pandas(rows, preserve_index=False)
+
+    def write(f):
+        with pa.ipc.new_file(f, table.schema) as writer:
+            for start in range(0, len(table), size):
+                writer.write_batch(table.slice(start, size).combine_chunks().to_batches()[0])
+
+    publish(fs, path, write)
+    return -(-len(table) // size)
+
+
+def partition_rows(fs, path: str, index: int) -> pd.DataFrame:
+    """The rows of partition `index` in a file of write_partitions: its footer and its batch are read, nothing else."""
+    with fs.open(path, "rb", cache_type="none") as f:
+        return pa.ipc.open_file(f).get_batch(index).to_pandas()
 
 
 def stage_partition(fs, path: str, rows: pd.DataFrame, features: np.ndarray, errors: list[dict], seconds: dict) -> dict:

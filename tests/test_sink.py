@@ -1,0 +1,24 @@
+"""The output's files: a task finds its partition's rows by number in one Arrow file, not in its arguments."""
+import fsspec
+import pandas as pd
+import pyarrow as pa
+
+from pipeline import sink
+
+
+def listing(n):
+    return pd.DataFrame({"path": [f"a/{i:04d}.jpg" for i in range(n)], "label": "a", "split": None,
+                         "identity": [str(i) for i in range(n)]}).astype(pd.ArrowDtype(pa.string()))
+
+
+def test_each_partition_is_read_back_by_its_number_alone(tmp_path):
+    fs, rows = fsspec.filesystem("file"), listing(1000)
+    path = f"{tmp_path}/partitions.arrow"
+    assert sink.write_partitions(fs, path, rows, 256) == 4
+    parts = [sink.partition_rows(fs, path, index) for index in range(4)]
+    assert [len(part) for part in parts] == [256, 256, 256, 232]
+    assert sink.rows_table(pd.concat(parts, ignore_index=True)).equals(sink.rows_table(rows))  # a missing split stays null
+
+
+def test_no_images_make_no_partitions(tmp_path):
+    assert sink.write_partitions(fsspec.filesystem("file"), f"{tmp_path}/partitions.arrow", listing(0), 256) == 0
