@@ -92,9 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a logistic regression on a finished run's PCA coordinates (its Training split, or a seeded "
         "75% of each label when there is no Test split), score it on the Test split (or the other 25%) for the k kept "
         "and a few smaller k, and write evaluation.json, a confusion matrix, accuracy against k and evaluation.html to "
-        "OUTPUT/evaluation/. The weights that produced the features are stated.",
+        "OUTPUT/evaluation/. The weights that produced the features are stated. An output of more than --max-images "
+        "images is evaluated on a seeded sample of that many, each part of images.parquet giving its share, as the scores say.",
     )
     finished_output_arguments(evaluate, "the files", "evaluation")
+    evaluate.add_argument("--max-images", metavar="N", help="evaluate a seeded sample of N images when the output has more "
+                          f"(default {default('evaluate.max-images')}; null in pipeline.yaml: every image)")
     evaluate.add_argument("--json", action="store_true", help="print evaluation.json on stdout instead of the summary")
     recognize = commands.add_parser(
         "recognize",
@@ -153,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         return write_report(args.output, args.to, storage)
     if args.command == "evaluate":
-        return write_evaluation(args.output, args.to, storage, args.json)
+        return write_evaluation(args.output, args.to, storage, args.json, args.max_images)
     if args.command == "recognize":
         return recognize_images(args, storage)
     quiet = args.quiet or args.json
@@ -195,12 +198,12 @@ def write_report(output: str, folder: str | None, storage: dict) -> int:
     return 0
 
 
-def write_evaluation(output: str, folder: str | None, storage: dict, as_json: bool) -> int:
+def write_evaluation(output: str, folder: str | None, storage: dict, as_json: bool, max_images: str | None = None) -> int:
     """`pipeline evaluate`: score a classifier on a finished run's features; print the summary and the files written."""
     from . import evaluate  # scikit-learn and matplotlib are imported only to evaluate
 
     try:
-        scores = evaluate.evaluate(evaluate.load(output, storage))
+        scores = evaluate.evaluate(evaluate.load(output, storage, max_images))
         written = evaluate.write(scores, folder, storage)
     except config.UsageError as error:
         fail(str(error))

@@ -106,6 +106,12 @@ def parse_backend(value: Any) -> str:
     raise UsageError(f"`backend` must be one of {', '.join(BACKENDS)}, got {value!r}")
 
 
+def evaluate_max_images(value: Any = None) -> int | None:
+    """`evaluate.max-images` of pipeline.yaml, or `value` when given: the images `evaluate` reads at most (None: all)."""
+    number = dask.config.get("pipeline.evaluate.max-images", override_with=value)
+    return None if number is None else positive_int("evaluate.max-images", number)
+
+
 def positive_int(name: str, value: Any, allow_zero: bool = False, also: str = "") -> int:
     """`value` as an int, or a UsageError naming the setting (and `also`, what else it may be)."""
     try:

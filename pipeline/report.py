@@ -1,9 +1,11 @@
 """Report: pictures of a run's results and one self-contained HTML page, from the output alone.
 
 `python -m pipeline report OUTPUT` reads manifest.json, pca.npz, errors.parquet and, of
-images.parquet, only the labels and the first two PCA coordinates, through fsspec (an s3:// output
-works as a folder does). It writes the pictures as PNG files and report.html, the same pictures
-embedded in it, to OUTPUT/report/. The walkthrough notebook draws with the same functions.
+images.parquet, only the labels and the first two PCA coordinates of the rows it draws (every row,
+or a seeded MAX_POINTS of them chosen part by part: its memory does not grow with the output),
+through fsspec (an s3:// output works as a folder does). It writes the pictures as PNG files and
+report.html, the same pictures embedded in it, to OUTPUT/report/. The walkthrough notebook draws
+with the same functions.
 Figures are plain matplotlib `Figure`s rendered by Agg: no pyplot state, no display needed.
 """
 from __future__ import annotations
@@ -12,12 +14,16 @@ import base64
 import dataclasses
 import html
 import io
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
+from typing import Iterator
 
 import dask.config
 import matplotlib
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
@@ -27,6 +33,7 @@ from .output import Output
 PAGE = "report.html"
 DPI = 100  # pixels per inch of the PNG files: a figure of 8 × 4.5 inches is 800 × 450 pixels
 MAX_POINTS = 20_000  # points drawn in the scatter; larger outputs are drawn from a seeded sample
+SAMPLE_SEED = 0  # of the rows a Sample reads (the scatter's, evaluate's)
 MAX_LEGEND = 20  # labels named in the scatter's legend; with more, colours repeat and go unnamed
 MAX_ERRORS = 100  # rows of the errors table shown on the page (all are in errors.parquet)
 PICTURES = {  # file name → title, in page order
@@ -45,31 +52,79 @@ class Results:
     url: str  # the output, as an absolute path or a URL
     manifest: dict
     pca: reduce.Pca
-    labels: np.ndarray  # the label of each image drawn (all, or MAX_POINTS of them)
+    labels: np.ndarray  # the label of each image drawn (all, or a Sample of MAX_POINTS of them)
     coords: np.ndarray  # their first two PCA coordinates (one column if one component was kept)
-    n_images: int  # rows in images.parquet
+    n_images: int  # rows in images.parquet, all of them
     errors: pd.DataFrame
 
 
 def load(output: str, storage_options: dict | None = None) -> Results:
-    """Read what the report needs from a finished run's output folder or URL."""
+    """Read what the report needs from a finished run's output folder or URL: the rows drawn only, not all rows."""
     out = Output.at(output, storage_options or {})
     fs, root, url = out.fs, out.path, out.url
     manifest = out.manifest()
     pca = reduce.Pca.load(fs, f"{root}/{sink.PCA}")
+    sample = Sample.of(fs, sorted(fs.glob(f"{root}/{sink.IMAGES}/*.parquet")), MAX_POINTS)
     labels, coords = [], []
-    for part in sorted(fs.glob(f"{root}/{sink.IMAGES}/*.parquet")):
-        table = sink.read_parquet(fs, part, columns=["label", "pca"])
+    for table in sample.tables(fs, ["label", "pca"]):
         labels.append(table["label"].to_numpy(zero_copy_only=False))
         coords.append(sink.matrix(table["pca"], pca.n_components)[:, :2])
     labels = np.concatenate(labels) if labels else np.array([], dtype=object)
     coords = np.concatenate(coords) if coords else np.zeros((0, min(pca.n_components, 2)), np.float32)
-    n_images = len(labels)
-    if n_images > MAX_POINTS:
-        keep = np.sort(np.random.default_rng(0).choice(n_images, MAX_POINTS, replace=False))
-        labels, coords = labels[keep], coords[keep]
     errors = sink.read_parquet(fs, f"{root}/{sink.ERRORS}").to_pandas()
-    return Results(url, manifest, pca, labels, coords, n_images, errors)
+    return Results(url, manifest, pca, labels, coords, sample.n_images, errors)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """Which rows of images.parquet's parts to read: all, or n of them spread over the parts (report, evaluate).
+
+    Each part gives a share of n proportional to its rows, rounded so that there are exactly n in all
+    (largest remainders; equal ones, as when n is under one per part, drawn at random, not the first
+    parts), and chosen in the part at random: seeded (SAMPLE_SEED, and the part's number), so the same
+    output gives the same sample. Only a part's sampled rows leave it, one part at a time.
+    """
+
+    parts: list[str]
+    rows: list[np.ndarray]  # row numbers to read, one sorted array per part
+    n_images: int  # rows in all the parts
+
+    @classmethod
+    def of(cls, fs, parts: list[str], n: int | None) -> "Sample":
+        """The sample of n rows of these parts (None, or n at least their rows: every row), counted from their footers."""
+        counts = np.array(part_rows(fs, parts), dtype=np.int64)
+        total = int(counts.sum())
+        if n is None or n >= total:
+            return cls(parts, [np.arange(count) for count in counts], total)
+        quotas = counts * n // total
+        shuffled = np.random.default_rng(SAMPLE_SEED).permutation(len(counts))
+        rounded_up = shuffled[np.argsort(-(counts[shuffled] * n % total), kind="stable")][: n - quotas.sum()]
+        quotas[rounded_up] += 1
+        rows = [np.sort(np.random.default_rng([SAMPLE_SEED, i]).choice(count, quota, replace=False))
+                for i, (count, quota) in enumerate(zip(counts, quotas))]
+        return cls(parts, rows, total)
+
+    @property
+    def size(self) -> int:
+        """Rows in the sample."""
+        return sum(len(rows) for rows in self.rows)
+
+    def tables(self, fs, columns: list[str]) -> Iterator[pa.Table]:
+        """Each part's sampled rows, these columns only, one part at a time (a part with none is not read)."""
+        for part, rows in zip(self.parts, self.rows):
+            if len(rows):
+                yield sink.read_parquet(fs, part, columns).take(rows)
+
+
+def part_rows(fs, parts: list[str]) -> list[int]:
+    """Rows of each part, from its parquet footer alone (no column read); 16 at a time, for an object store."""
+
+    def rows(part: str) -> int:
+        with fs.open(part, "rb") as f:
+            return pq.read_metadata(f).num_rows
+
+    with ThreadPoolExecutor(16) as pool:
+        return list(pool.map(rows, parts))
 
 
 def write(results: Results, folder: str | None = None, storage_options: dict | None = None) -> list[str]:

@@ -4,6 +4,7 @@ import shutil
 import subprocess
 import sys
 
+import dask.config
 import fsspec
 import numpy as np
 import pandas as pd
@@ -33,8 +34,9 @@ def sample_run(dask_cluster, tmp_path_factory):
     return run_pipeline(SAMPLE_DIR, tmp_path_factory.mktemp("run") / "out", dask_cluster)
 
 
-def fake_output(folder, labels, splits, features, kept):
-    """A finished output written by hand in the documented format (pca.npz holds every fitted component)."""
+def fake_output(folder, labels, splits, features, kept, parts=1):
+    """A finished output written by hand in the documented format (pca.npz holds every fitted component),
+    its rows in `parts` parts of about equal size, in order."""
     mean = features.mean(axis=0)
     _, singular, axes = np.linalg.svd(features - mean, full_matrices=False)
     variance = singular**2 / (len(features) - 1)
@@ -46,7 +48,9 @@ def fake_output(folder, labels, splits, features, kept):
     table = sink.rows_table(rows, features=features.astype(np.float32), pca=(features - mean) @ axes[:kept].T)
     fs = fsspec.filesystem("file")
     fs.makedirs(f"{folder}/{sink.IMAGES}")
-    sink.write_parquet(fs, f"{folder}/{sink.IMAGES}/{sink.part_name(0)}", table)
+    for index, rows in enumerate(np.array_split(np.arange(len(paths)), parts)):
+        sink.write_parquet(fs, f"{folder}/{sink.IMAGES}/{sink.part_name(index)}", table.take(rows))
+    sink.write_parquet(fs, f"{folder}/{sink.ERRORS}", sink.errors_table([]))
     pca.save(fs, f"{folder}/{sink.PCA}")
     manifest = {"weights": {"requested": "imagenet", "used": "imagenet", "warning": None}, "pca": {"n_components": kept}}
     sink.write_json(fs, f"{folder}/{sink.MANIFEST}", manifest)
@@ -157,6 +161,78 @@ def test_k_beyond_the_components_kept_projects_the_features_with_every_fitted_co
     scores = evaluate.evaluate(images)
     assert [entry["k"] for entry in scores["accuracy_vs_k"]] == [2, 5, 10, 20, 50] and scores["k"] == 5
     assert scores["accuracy"] == 1.0 and scores["weights_note"] == "imagenet"
+
+
+def three_fruits(per_label, dims=16, seed=0):
+    """Labels and features of 3 well-separated fruits, `per_label` images of each, in label order as sorted paths are."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(["Apple", "Pear", "Plum"], per_label)
+    return labels, np.repeat(rng.normal(size=(3, dims)) * 3, per_label, axis=0) + rng.normal(size=(len(labels), dims))
+
+
+def test_an_output_of_more_images_than_max_images_is_evaluated_on_a_sample_of_exactly_that_many_and_says_so(tmp_path):
+    labels, features = three_fruits(40)
+    output = fake_output(tmp_path / "out", labels, [None] * 120, features, kept=4, parts=4)
+
+    images = evaluate.load(str(output), max_images=50)
+    assert (len(images.labels), len(images.vectors), images.n_images) == (50, 50, 120) and images.sampled
+    scores = evaluate.evaluate(images)
+    assert scores["notes"][0] == "evaluated on a sample of 50 of 120 images (evaluate.max-images)"
+    assert scores["sample"] == {"images": 50, "of": 120, "max_images": 50, "method": evaluate.SAMPLE_METHOD}
+    assert scores["split"]["train"] + scores["split"]["test"] == 50  # the hold-out is drawn from the sample
+    assert scores["labels"] == 3 and scores["accuracy"] == 1.0  # it still scores: the fruits are far apart
+    page = evaluate.page(scores, {})
+    assert "evaluated on a sample of 50 of 120 images (evaluate.max-images)" in page
+    assert "note       evaluated on a sample of 50 of 120 images (evaluate.max-images)" in evaluate.summary(scores)
+
+
+def test_the_sample_is_the_same_every_time_and_its_coordinates_are_those_of_its_own_rows(tmp_path):
+    labels, features = three_fruits(40)
+    output = fake_output(tmp_path / "out", labels, [None] * 120, features, kept=4, parts=4)
+
+    first, again = evaluate.load(str(output), max_images=50), evaluate.load(str(output), max_images=50)
+    assert first.labels.tolist() == again.labels.tolist() and np.array_equal(first.vectors, again.vectors)
+    # k up to 10 > 4 kept: the sampled rows' features were projected, each onto its own row's coordinates
+    pca = reduce.Pca.load(fsspec.filesystem("file"), str(output / "pca.npz"))
+    every = (features - pca.mean) @ pca.components[: first.k_values[-1]].T
+    nearest = np.linalg.norm(first.vectors[:, None, :] - every[None], axis=2).argmin(axis=1)
+    assert np.allclose(first.vectors, every[nearest], atol=1e-4) and len(set(nearest)) == 50
+    assert labels[nearest].tolist() == first.labels.tolist()
+
+
+def test_a_sample_keeps_the_output_s_training_and_test_splits(tmp_path):
+    labels, features = three_fruits(40)
+    splits = np.tile(["Training"] * 30 + ["Test"] * 10, 3)
+    output = fake_output(tmp_path / "out", labels, splits, features, kept=4, parts=4)
+
+    scores = evaluate.evaluate(evaluate.load(str(output), max_images=60))
+    assert scores["split"]["method"] == "the output's Training and Test splits"
+    assert scores["split"]["train"] + scores["split"]["test"] == 60 and scores["split"]["test"] > 0
+    assert scores["notes"] == ["evaluated on a sample of 60 of 120 images (evaluate.max-images)"]
+
+
+def test_max_images_comes_from_the_settings_and_at_or_above_the_images_reads_every_one(tmp_path):
+    labels, features = three_fruits(40)
+    output = fake_output(tmp_path / "out", labels, [None] * 120, features, kept=4, parts=4)
+
+    assert evaluate.load(str(output)).max_images == 100_000  # pipeline.yaml's evaluate.max-images
+    with dask.config.set({"pipeline.evaluate.max-images": 30}):
+        assert len(evaluate.load(str(output)).labels) == 30
+    with dask.config.set({"pipeline.evaluate.max-images": None}):  # null: every image
+        assert len(evaluate.load(str(output)).labels) == 120
+    whole = evaluate.load(str(output), max_images=120)
+    assert len(whole.labels) == 120 and not whole.sampled and evaluate.evaluate(whole)["sample"] is None
+
+
+def test_the_command_takes_max_images_and_refuses_a_bad_one_in_one_line(tmp_path):
+    labels, features = three_fruits(40)
+    output = fake_output(tmp_path / "out", labels, [None] * 120, features, kept=4, parts=4)
+
+    result = pipeline_evaluate(str(output), "--max-images", "50")
+    assert result.returncode == 0, result.stderr
+    assert "note       evaluated on a sample of 50 of 120 images (evaluate.max-images)" in result.stdout.splitlines()
+    result = pipeline_evaluate(str(output), "--max-images", "0")
+    assert result.returncode == 2 and result.stderr.strip() == "error: `evaluate.max-images` must be a positive integer, got '0'"
 
 
 def test_labels_of_a_single_image_are_left_out_of_a_hold_out_with_a_note():

@@ -6,10 +6,12 @@ import shutil
 import subprocess
 import sys
 
+import fsspec
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from test_evaluate import fake_output, three_fruits
 
 import pipeline
 from pipeline import report, source
@@ -105,6 +107,39 @@ def test_a_folder_without_a_finished_run_is_a_one_line_usage_error(tmp_path):
     result = pipeline_report(str(tmp_path))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == f"error: no manifest.json in {tmp_path}: give the --output of a finished `pipeline run`"
+
+
+def test_a_large_output_s_scatter_is_a_seeded_sample_of_max_points_and_still_counts_every_image(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "MAX_POINTS", 50)
+    labels, features = three_fruits(40)
+    output = fake_output(tmp_path / "out", labels, [None] * 120, features, kept=4, parts=4)
+
+    results = report.load(str(output))
+    assert (len(results.labels), len(results.coords), results.n_images) == (50, 50, 120)
+    again = report.load(str(output))
+    assert results.labels.tolist() == again.labels.tolist() and np.array_equal(results.coords, again.coords)
+    figure = report.figures(results)["pca-scatter.png"]
+    assert figure.axes[0].get_title() == "50 of 120 images, 3 labels"
+
+
+def test_a_sample_takes_from_each_part_a_share_proportional_to_its_rows(tmp_path):
+    labels, features = three_fruits(40)
+    fake_output(tmp_path / "out", labels, [None] * 120, features, kept=4, parts=4)  # parts of 30 rows
+    fs = fsspec.filesystem("file")
+    parts = sorted(fs.glob(f"{tmp_path}/out/images.parquet/*.parquet"))
+
+    sample = report.Sample.of(fs, parts, 50)
+    shares = [len(rows) for rows in sample.rows]
+    assert sorted(shares) == [12, 12, 13, 13] and sample.size == 50 and sample.n_images == 120  # 12.5 each
+    assert all(np.all(np.diff(rows) > 0) and rows.max() < 30 for rows in sample.rows)  # distinct rows of the part
+    assert [table.num_rows for table in sample.tables(fs, ["label"])] == shares
+    assert [len(rows) for rows in report.Sample.of(fs, parts, 120).rows] == [30] * 4  # enough room: every row
+    assert [len(rows) for rows in report.Sample.of(fs, parts, None).rows] == [30] * 4
+    many_parts = report.Sample.of(fs, parts * 25, 50)  # 100 parts, half a row each: 50 parts give one
+    assert sorted({len(rows) for rows in many_parts.rows}) == [0, 1] and many_parts.size == 50
+    assert 10 < sum(len(rows) for rows in many_parts.rows[:50]) < 40  # drawn across the parts, not the first 50
+    nothing_from_it = report.Sample([f"{tmp_path}/no such part.parquet"], [np.array([], int)], 30)
+    assert list(nothing_from_it.tables(fs, ["label"])) == []  # a part with no row sampled is not read
 
 
 def test_the_variance_curve_marks_the_chosen_k():
