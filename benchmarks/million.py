@@ -21,7 +21,7 @@ is killed (SIGKILL; its nanny starts another) at 45% and 75%, so that its manife
 larger peak. Every output must then hold exactly one row or one error per image (read back, path by
 path), and the manifest says how many partitions were resumed (and redone, where it counts them).
 
-    .venv/bin/python benchmarks/million.py                                     # 1,000,000 (hours: see below)
+    .venv/bin/python benchmarks/million.py                                     # 1,000,000 (some 80 minutes: see below)
     .venv/bin/python benchmarks/million.py --count 3000 --small 1000 --s3 500  # a try, some 5 minutes on 2 cores
 
 A fresh scheduler and worker are started for each `run` and `update` (an interrupted run and its
@@ -31,8 +31,8 @@ Disk: about 6 KB per image made and 7 KB per image of output, twice while `updat
 (some 20 GB at the peak for the million). On the 2-core development machine: making images about
 1,200 images/s per core (some 10 minutes for the million, once), the featurize stage 250 to 600
 images/s from a local folder (less while other work shares the cores); the million's run with its
-kills some 30 to 60 minutes, the whole benchmark 1.5 to 3 hours, S3 included (moto takes 100 to
-150 uploads a second).
+kills 23 minutes and the whole benchmark 79 minutes on 2026-12-01 (docs/scale.md), S3 included
+(moto takes some 85 uploads a second: 20 of those minutes).
 
 Needs the `test` extra (moto). Exit code 0 if every check passes, 1 otherwise (a missed goal is
 reported, not a failure).
