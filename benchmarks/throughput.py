@@ -115,9 +115,7 @@ def prepare_images(args: argparse.Namespace, target: pathlib.Path) -> tuple[list
     if not images:
         sys.exit(f"error: no .jpg images under {source}")
     if source != target:  # the selected images, alone in a folder that all three runs read
-        for relative in images + others:
-            (target / relative).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source / relative, target / relative)
+        copy_images(source, images + others, target)
     return images, others
 
 
@@ -125,7 +123,7 @@ def prepare_images(args: argparse.Namespace, target: pathlib.Path) -> tuple[list
 
 
 def copy_images(folder: pathlib.Path, relative: list[str], target: pathlib.Path) -> None:
-    """Copy these images of `folder` into `target`, keeping their relative paths (labels and splits)."""
+    """Copy these files of `folder` into `target`, keeping their relative paths (labels and splits)."""
     for path in relative:
         (target / path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(folder / path, target / path)

@@ -15,6 +15,7 @@ import urllib.parse
 from typing import Callable, Iterator
 
 from distributed import Client, LocalCluster
+from distributed.system import MEMORY_LIMIT  # this machine's memory, or its cgroup's limit
 
 from pipeline.config import UsageError
 from pipeline.featurize import visible_gpus
@@ -116,13 +117,8 @@ def local_size(n_workers: int | None, threads_per_worker: int | None, gpus: int 
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     gpus = local_gpus() if gpus is None else gpus
-    n_workers = n_workers or gpus or max(1, min(max(2, cores // 4), cores, memory() // MEMORY_PER_PROCESS))
+    n_workers = n_workers or gpus or max(1, min(max(2, cores // 4), cores, MEMORY_LIMIT // MEMORY_PER_PROCESS))
     return n_workers, threads_per_worker or max(1, cores // n_workers)
-
-
-def memory() -> int:
-    """This machine's memory in bytes."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def local_gpus() -> int:

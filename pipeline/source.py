@@ -75,7 +75,7 @@ def list_images(url: str, storage_options: dict, extensions: tuple[str, ...]) ->
 
 def folder_rows(folder: str, names: list[str], identities: list[str], root_split: str | None) -> pa.Table:
     """The listing's rows of one folder's images: they share their label and split."""
-    label, split = label_and_split(posixpath.join(folder, "x"), root_split)
+    label, split = label_and_split(posixpath.join(folder, names[0]), root_split)
     return pa.table({
         "path": pa.array([posixpath.join(folder, name) for name in names], pa.string()),
         "label": pa.array([label] * len(names), pa.string()),

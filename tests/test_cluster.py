@@ -24,7 +24,7 @@ def pipeline_cli(*args):
 def test_a_local_cluster_shares_the_cores_among_its_processes():
     cores = len(os.sched_getaffinity(0))
     n_workers, threads = cluster.local_size(None, None, gpus=0)
-    fit_in_memory = max(1, cluster.memory() // cluster.MEMORY_PER_PROCESS)
+    fit_in_memory = max(1, cluster.MEMORY_LIMIT // cluster.MEMORY_PER_PROCESS)
     assert n_workers == min(max(2, cores // 4), cores, fit_in_memory)  # two on 2 cores: one computes while one decodes
     assert n_workers * threads <= cores
     assert cluster.local_size(2, None) == (2, max(1, cores // 2))
