@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -86,8 +85,10 @@ def moments_fit(client, paths: list[str], width: int, n_components: int | float)
 
 
 def peak_rss() -> int:
-    """This process's peak resident memory so far, in bytes (Linux counts ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident memory so far, in bytes: Linux's VmHWM (ru_maxrss would count the
+    parent's peak too in a process started by fork and exec, as a nanny starts a worker)."""
+    with open("/proc/self/status") as status:
+        return int(next(line for line in status if line.startswith("VmHWM:")).split()[1]) * 1024
 
 
 def rss() -> int:

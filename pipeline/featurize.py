@@ -416,7 +416,7 @@ def batch_size_for(setting: int | str, gpu: bool) -> int:
 
 def featurize_partition(
     partitions: str,
-    index: int,
+    byte_range: tuple[int, int],
     listing_fs,
     root: str,
     key: ModelKey,
@@ -426,11 +426,11 @@ def featurize_partition(
     output_fs,
     staged_path: str,
 ) -> dict:
-    """Read, decode and featurize partition `index` of the `partitions` file (sink.write_partitions); stage
-    its features with their errors and timings."""
+    """Read, decode and featurize the partition at `byte_range` in the `partitions` file (sink.write_partitions);
+    stage its features with their errors and timings."""
     seconds = {}
     started = time.perf_counter()
-    rows = sink.partition_rows(output_fs, partitions, index)
+    rows = sink.partition_rows(output_fs, partitions, byte_range)
     blobs = source.read_many(listing_fs, [f"{root}/{path}" for path in rows["path"]])
     seconds["read"] = time.perf_counter() - started
 

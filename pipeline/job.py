@@ -226,7 +226,7 @@ def stage_features(client, listing, key, s: Settings, out_fs, out: str, progress
                    staged_one: Callable[[int, str], None] = lambda index, path: None) -> list[dict]:
     """Featurize every partition on the workers (those with `resources`) and stage its features, in order.
 
-    Each task is given its partition's number in `_staging/partitions.arrow`, not its rows, and
+    Each task is given its partition's byte range in `_staging/partitions.arrow`, not its rows, and
     its result is let go once read, so that a worker lost later is not asked to redo it.
     Partitions an interrupted run already staged are not featurized again: their summary is read back.
     `staged_one(index, path)` is called as each partition with rows is staged (or found staged).
@@ -235,21 +235,21 @@ def stage_features(client, listing, key, s: Settings, out_fs, out: str, progress
     sink.make_folder(out_fs, f"{out}/{sink.STAGED}")
     done = set(out_fs.find(f"{out}/{sink.STAGED}"))
     size, todo = s.images_per_partition, f"{out}/{sink.PARTITIONS}"
-    n_parts = sink.write_partitions(out_fs, todo, listing.rows, size)
+    ranges = sink.write_partitions(out_fs, todo, listing.rows, size)
     futures = {}
-    for index in range(n_parts):
+    for index, byte_range in enumerate(ranges):
         staged = f"{out}/{sink.STAGED}/{sink.part_name(index)}"
         if staged in done:
             future = client.submit(sink.staged_summary, out_fs, staged, key=f"resume-{index}-{client.id}")
         else:
             future = client.submit(
-                featurize.featurize_partition, todo, index, listing.fs, listing.root, key, s.batch_size,
+                featurize.featurize_partition, todo, byte_range, listing.fs, listing.root, key, s.batch_size,
                 s.max_image_pixels, s.storage_options, out_fs, staged, key=f"featurize-{index}-{client.id}",
                 resources=resources,
             )
         futures[future] = (index, staged, min(size, len(listing.rows) - index * size))
     featurizing = {future.key for future in futures if future.key.startswith("featurize-")}
-    results: list[dict] = [{}] * n_parts
+    results: list[dict] = [{}] * len(ranges)
     with progress_bar("featurize", len(listing.rows), progress) as bar:
         for future, result in as_completed(list(futures), with_results=True):
             index, staged, n_images = futures.pop(future)

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
@@ -116,19 +117,21 @@ class Output:
     def rows_and_errors(self) -> tuple[pd.DataFrame, pd.DataFrame]:
         """The finished output's rows (path, identity, and the part file holding them) and its errors table.
 
-        In Arrow strings: some 100 bytes a row, where Python strings would take three times that.
+        In Arrow strings (the part as a number): some 70 bytes a row, where Python strings would take four times that.
         """
         tables = []
         self.fs.invalidate_cache(self.path)  # an earlier command in this process may have listed an older version
         try:
             for path in sorted(self.fs.find(self / sink.IMAGES)):
                 table = sink.read_parquet(self.fs, path, columns=["path", "identity"])
-                tables.append(table.append_column("part", pa.array([path.rsplit("/", 1)[1]] * len(table), pa.string())))
+                part = pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(table), np.int32)), [path.rsplit("/", 1)[1]])
+                tables.append(table.append_column("part", part))  # a number a row, not a name
             errors = sink.read_parquet(self.fs, self / sink.ERRORS, columns=sink.ERROR_COLUMNS).to_pandas(types_mapper=pd.ArrowDtype)
         except (KeyError, pa.ArrowInvalid):  # no identity column: an output of an earlier version
             raise UsageError(f"{self.url} was written by an earlier version of the pipeline, without image "
                              "identities: make it again with `python -m pipeline run --overwrite`") from None
-        rows = pa.concat_tables(tables) if tables else pa.table({name: pa.array([], pa.string()) for name in ("path", "identity", "part")})
+        rows = pa.concat_tables(tables) if tables else pa.table({"path": pa.array([], pa.string()), "identity": pa.array([], pa.string()),
+                                                                 "part": pa.array([], pa.string()).dictionary_encode()})
         return rows.to_pandas(types_mapper=pd.ArrowDtype), errors
 
     def commit(self, manifest: dict) -> None:

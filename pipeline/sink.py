@@ -13,7 +13,7 @@ Layout under the output folder:
     evaluation/                        a classifier's scores, by `python -m pipeline evaluate` (evaluate.py)
     _staging/                          the run in progress, removed when it is committed:
       run.json, listing.parquet        what --resume (or a rerun of `update`) needs to finish it alike
-      partitions.arrow                 the images to featurize, one record batch per partition
+      partitions.arrow                 the images to featurize, an Arrow stream per partition
       features/part-NNNNN.parquet      one partition's features, errors and timings; there = done
       images.parquet/, errors.parquet, pca.npz   the new output, moved into place at commit
 
@@ -112,27 +112,35 @@ def read_parquet(fs, path: str, columns: list[str] | None = None) -> pa.Table:
         return pq.ParquetFile(f).read(columns=columns)
 
 
-def write_partitions(fs, path: str, rows: pd.DataFrame, size: int) -> int:
-    """Write the images to featurize, one Arrow record batch of `size` rows per partition; returns how many.
+def write_partitions(fs, path: str, rows: pd.DataFrame, size: int) -> list[tuple[int, int]]:
+    """Write the images to featurize, an Arrow IPC stream of `size` rows per partition, one after another;
+    returns each partition's byte range (start, end) in the file.
 
-    A task is then given its partition's number, not its rows: neither the scheduler nor the
-    tasks it holds grow with the listing (Arrow's file footer indexes the batches).
+    A task is then given its partition's byte range, not its rows: neither the scheduler nor the
+    tasks it holds grow with the listing, and each task reads its own bytes alone, however many
+    partitions there are (a file footer indexing them all would be read by every task).
     """
-    table = pa.Table.from_pandas(rows, preserve_index=False)
+    ranges = []
 
     def write(f):
-        with pa.ipc.new_file(f, table.schema) as writer:
-            for start in range(0, len(table), size):
-                writer.write_batch(table.slice(start, size).combine_chunks().to_batches()[0])
+        ranges.clear()  # publish may retry
+        for first in range(0, len(rows), size):
+            stream, table = pa.BufferOutputStream(), rows_table(rows.iloc[first : first + size])
+            with pa.ipc.new_stream(stream, table.schema) as writer:
+                writer.write_table(table)
+            data = stream.getvalue()
+            start = ranges[-1][1] if ranges else 0
+            f.write(data)
+            ranges.append((start, start + data.size))
 
     publish(fs, path, write)
-    return -(-len(table) // size)
+    return ranges
 
 
-def partition_rows(fs, path: str, index: int) -> pd.DataFrame:
-    """The rows of partition `index` in a file of write_partitions: its footer and its batch are read, nothing else."""
-    with fs.open(path, "rb", cache_type="none") as f:
-        return pa.ipc.open_file(f).get_batch(index).to_pandas()
+def partition_rows(fs, path: str, byte_range: tuple[int, int]) -> pd.DataFrame:
+    """The rows of one partition of a file of write_partitions, from its byte range."""
+    start, end = byte_range
+    return pa.ipc.open_stream(fs.cat_file(path, start=start, end=end)).read_all().to_pandas()
 
 
 def stage_partition(fs, path: str, rows: pd.DataFrame, features: np.ndarray, errors: list[dict], seconds: dict) -> dict:

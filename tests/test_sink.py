@@ -1,4 +1,4 @@
-"""The output's files: a task finds its partition's rows by number in one Arrow file, not in its arguments."""
+"""The output's files: a task finds its partition's rows by their byte range in one Arrow file, not in its arguments."""
 import fsspec
 import pandas as pd
 import pyarrow as pa
@@ -11,14 +11,16 @@ def listing(n):
                          "identity": [str(i) for i in range(n)]}).astype(pd.ArrowDtype(pa.string()))
 
 
-def test_each_partition_is_read_back_by_its_number_alone(tmp_path):
+def test_each_partition_is_read_back_from_its_own_bytes_alone(tmp_path):
     fs, rows = fsspec.filesystem("file"), listing(1000)
     path = f"{tmp_path}/partitions.arrow"
-    assert sink.write_partitions(fs, path, rows, 256) == 4
-    parts = [sink.partition_rows(fs, path, index) for index in range(4)]
+    ranges = sink.write_partitions(fs, path, rows, 256)
+    assert len(ranges) == 4 and ranges[0][0] == 0 and ranges[-1][1] == fs.size(path)
+    assert all(end == start for (_, end), (start, _) in zip(ranges, ranges[1:]))  # one after another
+    parts = [sink.partition_rows(fs, path, byte_range) for byte_range in reversed(ranges)][::-1]
     assert [len(part) for part in parts] == [256, 256, 256, 232]
     assert sink.rows_table(pd.concat(parts, ignore_index=True)).equals(sink.rows_table(rows))  # a missing split stays null
 
 
 def test_no_images_make_no_partitions(tmp_path):
-    assert sink.write_partitions(fsspec.filesystem("file"), f"{tmp_path}/partitions.arrow", listing(0), 256) == 0
+    assert sink.write_partitions(fsspec.filesystem("file"), f"{tmp_path}/partitions.arrow", listing(0), 256) == []

@@ -69,6 +69,16 @@ def test_s3_listing_equals_the_local_listing(s3, s3_endpoint, sample_copy):
     assert first.identity == hashlib.md5((sample_copy / first.path).read_bytes()).hexdigest()  # the ETag
 
 
+NESTED = ["a/b.jpg", "a/b c/x.jpg", "a/b/y.jpg", "a/b-z.jpg", "a b/z.jpg", "a.jpg", "a/é.jpg", "a/z.jpg", "a0/w.jpg"]
+
+
+def test_the_listing_is_in_path_order_where_files_and_folders_sit_side_by_side(tmp_path, s3, s3_endpoint):
+    make_files(tmp_path, NESTED)
+    s3.put(str(tmp_path) + "/", "fruits/nested/", recursive=True)
+    for url, options in [(str(tmp_path), {}), ("s3://fruits/nested", {"endpoint_url": s3_endpoint})]:
+        assert list(list_images(url, options, EXTENSIONS).rows.path) == sorted(NESTED, key=str.encode), url
+
+
 def test_identity_changes_when_a_file_is_replaced_under_the_same_name(tmp_path):
     make_files(tmp_path, ["Apple/a.jpg", "Apple/b.jpg"])
     before = list_images(str(tmp_path), {}, EXTENSIONS).rows.set_index("path").identity
