@@ -128,7 +128,7 @@ def compare(listing: pd.DataFrame, rows: pd.DataFrame, errors: pd.DataFrame) -> 
 
     An image is redone when it is new, when its identity changed (replaced under the same name),
     or when it could not be read last time (a transient failure, perhaps); one that failed to
-    decode stays an error until it changes. A hash lookup of paths, not a merge: at a million
+    decode stays an error until it changes. One hash lookup of paths, not a merge: at a million
     images it holds some 100 MB more than its inputs, where a pandas merge held 500.
     """
     listed = strings(listing.path)
@@ -143,7 +143,7 @@ def compare(listing: pd.DataFrame, rows: pd.DataFrame, errors: pd.DataFrame) -> 
     stage = last["stage"].take(at)
     retried = pc.fill_null(pc.not_equal(stage, "decode"), False)
     redo = pc.or_(new, pc.or_(pc.and_not(changed, new), retried))
-    gone = frozenset(last["path"].filter(pc.invert(pc.is_in(last["path"], value_set=listed))).to_pylist())
+    gone = unlisted(last["path"], at, listed)
     drop = gone | frozenset(listed.filter(pc.and_not(redo, new)).to_pylist())
     return Changes(
         featurize=listing[np.asarray(redo)],
@@ -153,6 +153,16 @@ def compare(listing: pd.DataFrame, rows: pd.DataFrame, errors: pd.DataFrame) -> 
         replaced=pc.sum(pc.and_not(changed, new)).as_py() or 0,
         removed=len(gone),
     )
+
+
+def unlisted(last: pa.ChunkedArray, at: pa.ChunkedArray, listed: pa.ChunkedArray) -> frozenset:
+    """The paths of the last version that are not listed: those that no listed path found (`at`), but for a
+    second entry of a listed path (its error beside its row), found among these few rather than in a
+    second hash table of every listed path."""
+    found = np.zeros(len(last), bool)
+    found[at.drop_null().to_numpy()] = True
+    candidates = last.filter(~found)
+    return frozenset(candidates.to_pylist()) - frozenset(listed.filter(pc.is_in(listed, value_set=candidates)).to_pylist())
 
 
 def strings(column: pd.Series) -> pa.ChunkedArray:

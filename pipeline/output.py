@@ -77,7 +77,7 @@ class Output:
 
         `about`: the command ("run" or "update") and, for an update, the version it started from.
         """
-        sink.write_parquet(self.fs, self / sink.LISTING, pa.Table.from_pandas(listing.rows, preserve_index=False))
+        sink.write_arrow(self.fs, self / sink.LISTING, pa.Table.from_pandas(listing.rows, preserve_index=False))
         plan = {"settings": resume_settings(s), "weights": dataclasses.asdict(weights), "skipped": listing.skipped} | about
         sink.write_json(self.fs, self / sink.RUN, plan)
 
@@ -99,7 +99,10 @@ class Output:
                 f"the same settings, or {again}"
             )
         listing_fs, root = source.open_url(s.input, s.storage_options)
-        rows = sink.read_parquet(self.fs, self / sink.LISTING).to_pandas(types_mapper=pd.ArrowDtype)
+        if not self.holds(sink.LISTING):
+            raise UsageError(f"the interrupted {command} in {self.url} was made by an earlier version of the pipeline: "
+                             f"delete {self.url}/{sink.STAGING} and start it again")
+        rows = sink.read_arrow(self.fs, self / sink.LISTING).to_pandas(types_mapper=pd.ArrowDtype)
         return source.Listing(listing_fs, root, rows, plan["skipped"]), featurize.Weights(**plan["weights"])
 
     def manifest(self) -> dict:

@@ -12,7 +12,7 @@ Layout under the output folder:
     report/                            pictures and report.html, by `python -m pipeline report` (report.py)
     evaluation/                        a classifier's scores, by `python -m pipeline evaluate` (evaluate.py)
     _staging/                          the run in progress, removed when it is committed:
-      run.json, listing.parquet        what --resume (or a rerun of `update`) needs to finish it alike
+      run.json, listing.arrow          what --resume (or a rerun of `update`) needs to finish it alike
       partitions.arrow                 the images to featurize, an Arrow stream per partition
       features/part-NNNNN.parquet      one partition's features, errors and timings; there = done
       images.parquet/, errors.parquet, pca.npz   the new output, moved into place at commit
@@ -41,7 +41,7 @@ MANIFEST = "manifest.json"
 PCA = "pca.npz"
 STAGING = "_staging"
 RUN = f"{STAGING}/run.json"
-LISTING = f"{STAGING}/listing.parquet"
+LISTING = f"{STAGING}/listing.arrow"
 PARTITIONS = f"{STAGING}/partitions.arrow"
 STAGED = f"{STAGING}/features"
 FINAL = (IMAGES, ERRORS, PCA)  # moved from _staging into place at commit, then the manifest
@@ -102,6 +102,22 @@ def write_parquet(fs, path: str, table: pa.Table) -> None:
     publish(fs, path, lambda f: pq.write_table(table, f))
 
 
+def write_arrow(fs, path: str, table: pa.Table) -> None:
+    """Write a table as a zstd-compressed Arrow IPC file: read back, it takes little more than its own size,
+    where parquet's decoding takes three times that (a million images' listing: 100 MB, not 235)."""
+    def write(f):
+        with pa.ipc.new_file(f, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as writer:
+            writer.write_table(table.unify_dictionaries(), max_chunksize=65536)  # one dictionary a column, as the format asks
+
+    publish(fs, path, write)
+
+
+def read_arrow(fs, path: str) -> pa.Table:
+    """A file of write_arrow, whole."""
+    with fs.open(path, "rb") as f:
+        return pa.ipc.open_file(f).read_all()
+
+
 def read_parquet(fs, path: str, columns: list[str] | None = None) -> pa.Table:
     """Read one parquet file (or only these columns) through any fsspec filesystem.
 
@@ -113,7 +129,7 @@ def read_parquet(fs, path: str, columns: list[str] | None = None) -> pa.Table:
 
 
 def write_partitions(fs, path: str, rows: pd.DataFrame, size: int) -> list[tuple[int, int]]:
-    """Write the images to featurize, an Arrow IPC stream of `size` rows per partition, one after another;
+    """Write the images to featurize, a compressed Arrow IPC stream of `size` rows per partition, one after another;
     returns each partition's byte range (start, end) in the file.
 
     A task is then given its partition's byte range, not its rows: neither the scheduler nor the
@@ -126,7 +142,7 @@ def write_partitions(fs, path: str, rows: pd.DataFrame, size: int) -> list[tuple
         ranges.clear()  # publish may retry
         for first in range(0, len(rows), size):
             stream, table = pa.BufferOutputStream(), rows_table(rows.iloc[first : first + size])
-            with pa.ipc.new_stream(stream, table.schema) as writer:
+            with pa.ipc.new_stream(stream, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as writer:
                 writer.write_table(table)
             data = stream.getvalue()
             start = ranges[-1][1] if ranges else 0

@@ -24,3 +24,10 @@ def test_each_partition_is_read_back_from_its_own_bytes_alone(tmp_path):
 
 def test_no_images_make_no_partitions(tmp_path):
     assert sink.write_partitions(fsspec.filesystem("file"), f"{tmp_path}/partitions.arrow", listing(0), 256) == []
+
+
+def test_a_listing_of_many_folders_is_saved_and_read_back_whole(tmp_path):
+    fs, path = fsspec.filesystem("file"), f"{tmp_path}/listing.arrow"
+    folders = [pa.table({"path": [f"{label}/1.jpg"], "label": pa.array([label]).dictionary_encode()}) for label in ("a", "b")]
+    sink.write_arrow(fs, path, pa.concat_tables(folders))  # a dictionary per folder, one in the file
+    assert sink.read_arrow(fs, path).to_pydict() == {"path": ["a/1.jpg", "b/1.jpg"], "label": ["a", "b"]}
