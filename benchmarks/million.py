@@ -31,8 +31,8 @@ Disk: about 6 KB per image made and 7 KB per image of output, twice while `updat
 (some 20 GB at the peak for the million). On the 2-core development machine: making images about
 1,200 images/s per core (some 10 minutes for the million, once), the featurize stage 250 to 600
 images/s from a local folder (less while other work shares the cores); the million's run with its
-kills 23 minutes and the whole benchmark 79 minutes on 2026-12-01 (docs/scale.md), S3 included
-(moto takes some 85 uploads a second: 20 of those minutes).
+kills 23 to 25 minutes; the whole benchmark 71 minutes on 2026-12-02 with S3 (moto takes some 65 to
+85 uploads a second: 20 to 25 of those minutes) and 32 without (`--s3 0`), the images made earlier.
 
 Needs the `test` extra (moto). Exit code 0 if every check passes, 1 otherwise (a missed goal is
 reported, not a failure).
