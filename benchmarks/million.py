@@ -238,7 +238,8 @@ class Command:
     def __init__(self, argv: list[str]):
         print(f"  $ {shown(argv)}", flush=True)
         self.started = time.perf_counter()
-        self.process = subprocess.Popen(argv, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen(argv, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        preexec_fn=interruptible)
         self.watch = throughput.TreeWatch(self.process.pid, 0.25)
         self.stdout: list[str] = []
         self.lines: list[tuple[float, str]] = []  # (seconds since start, line) of stderr, progress bars apart
@@ -282,6 +283,13 @@ class Command:
     def show(self, last: int = 20) -> None:
         kept = [line for _, line in self.lines if not line.startswith(throughput.NOISE)][-last:]
         print("    stderr (last lines):\n      " + "\n      ".join(kept + list(self.bars.values())), flush=True)
+
+
+def interruptible() -> None:
+    """In a command's process, before it starts: SIGINT as a terminal sends it. A benchmark started in the
+    background by a non-interactive shell has SIGINT ignored, and its children would inherit that: the
+    interrupt would then be ignored (2026-12-02, twice, until this)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run(argv: list[str]) -> dict:
