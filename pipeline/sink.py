@@ -48,6 +48,7 @@ FINAL = (IMAGES, ERRORS, PCA)  # moved from _staging into place at commit, then 
 REPORT = "report"
 EVALUATION = "evaluation"
 ERROR_COLUMNS = ["path", "identity", "stage", "error", "message"]
+COMPRESSED = pa.ipc.IpcWriteOptions(compression="zstd")  # the staged Arrow files: the listing, the partitions
 
 
 def part_name(index: int) -> str:
@@ -106,7 +107,7 @@ def write_arrow(fs, path: str, table: pa.Table) -> None:
     """Write a table as a zstd-compressed Arrow IPC file: read back, it takes little more than its own size,
     where parquet's decoding takes three times that (a million images' listing: 100 MB, not 235)."""
     def write(f):
-        with pa.ipc.new_file(f, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as writer:
+        with pa.ipc.new_file(f, table.schema, options=COMPRESSED) as writer:
             writer.write_table(table.unify_dictionaries(), max_chunksize=65536)  # one dictionary a column, as the format asks
 
     publish(fs, path, write)
@@ -142,7 +143,7 @@ def write_partitions(fs, path: str, rows: pd.DataFrame, size: int) -> list[tuple
         ranges.clear()  # publish may retry
         for first in range(0, len(rows), size):
             stream, table = pa.BufferOutputStream(), rows_table(rows.iloc[first : first + size])
-            with pa.ipc.new_stream(stream, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as writer:
+            with pa.ipc.new_stream(stream, table.schema, options=COMPRESSED) as writer:
                 writer.write_table(table)
             data = stream.getvalue()
             start = ranges[-1][1] if ranges else 0

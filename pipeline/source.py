@@ -126,13 +126,14 @@ def entries(fs: AbstractFileSystem, path: str, extensions: tuple[str, ...]) -> t
 
 def local_identity(entry: os.DirEntry) -> str:
     """identity() of a local file, as from fsspec's details: size (a link's target's) and mtime (the link's own)."""
-    size = entry.stat(follow_symlinks=False).st_size
+    own = entry.stat(follow_symlinks=False)
+    size = own.st_size
     if entry.is_symlink():
         try:
             size = entry.stat().st_size
         except OSError:
             size = 0
-    return f"{size}@{entry.stat(follow_symlinks=False).st_mtime}"
+    return f"{size}@{own.st_mtime}"
 
 
 def folder_rows(folder: str, images: pa.Table, root_split: str | None) -> pa.Table:
