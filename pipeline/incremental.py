@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 from datetime import datetime, timezone
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -28,12 +28,23 @@ KEPT_SETTINGS = (*(key for key in RESUME_KEYS if key != "input"), "n_components"
 
 
 @dataclasses.dataclass(frozen=True)
+class OldPart:
+    """A part file of the last version, as an update sees it: where its paths start, which go, how many stay."""
+
+    name: str
+    first: str
+    dropped: frozenset
+    kept: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Changes:
     """What an update does: the listing rows to featurize, the old paths to drop, the old errors to keep."""
 
     featurize: pd.DataFrame  # path, label, split, identity: new, replaced, or failed to read last time
     drop: frozenset  # paths whose old row or error goes: deleted, replaced or redone
     kept_errors: pd.DataFrame
+    parts: list[OldPart]  # the last version's part files, in path order
     added: int
     replaced: int
     removed: int
@@ -73,29 +84,28 @@ def update(
             listing = source.list_images(s.input, s.storage_options, s.extensions)
         out.check_writable()
         out.save_plan(s, listing, weights, command="update", base=base["finished"])
-    old_rows, old_errors = out.rows_and_errors()
-    changes = compare(listing.rows, old_rows, old_errors)
-    say(f"{len(listing.rows)} images under {s.input}: {changes.added} new, {changes.replaced} replaced, "
+    changes = compare(listing.rows, out.parts(), out.errors())
+    listed, listing = len(listing.rows), dataclasses.replace(listing, rows=changes.featurize.reset_index(drop=True))  # the rest only featurizes these
+    say(f"{listed} images under {s.input}: {changes.added} new, {changes.replaced} replaced, "
         f"{changes.removed} removed, {len(changes.featurize)} to featurize")
     if changes.nothing:
         sink.remove(out.fs, out.path, sink.STAGING)
         say(f"{out.url} is up to date")
         return base
 
-    new = source.Listing(listing.fs, listing.root, changes.featurize.reset_index(drop=True), listing.skipped)
-    kept_rows = len(old_rows) - int(old_rows.path.isin(changes.drop).sum())
     done = job.featurize_fit_write(
-        s, out, new, weights, lambda client: UpdateFit(out, s, progress),
-        lambda staged: (partitions(out.path, old_rows, changes, staged, s.images_per_partition),
-                        kept_rows + sum(p["rows"] for p in staged)),
+        s, out, listing, weights, lambda client: UpdateFit(out, s, progress),
+        lambda staged: (partitions(out.path, changes, staged, s.images_per_partition),
+                        sum(part.kept for part in changes.parts) + sum(p["rows"] for p in staged)),
         kept_errors=changes.kept_errors.to_dict("records"), say=say, progress=progress, client=client, timings=timings,
     )
     featurized = sum(part["images"] for part in done.staged)
     manifest = job.manifest_of(s, out, started, listing, weights, done, timings, featurized, tuple(base["model"].get("devices", [])))
     manifest = base | manifest | {"weights": base["weights"]}
+    manifest["counts"]["listed"] = listed
     manifest["history"] = base.get("history", []) + [
         {"command": "update", "input": s.input, "started": manifest["started"], "finished": manifest["finished"],
-         "listed": len(listing.rows), "added": changes.added, "replaced": changes.replaced, "removed": changes.removed,
+         "listed": listed, "added": changes.added, "replaced": changes.replaced, "removed": changes.removed,
          "featurized": featurized, "failed": len(done.errors) - len(changes.kept_errors)}]
     out.commit(manifest)
     return manifest
@@ -123,40 +133,79 @@ class UpdateFit:
         return pca
 
 
-def compare(listing: pd.DataFrame, rows: pd.DataFrame, errors: pd.DataFrame) -> Changes:
-    """What changed between the output and the listing, by path and identity, in whole Arrow columns.
+def compare(listing: pd.DataFrame, parts: Iterable[tuple[str, pa.Table]], errors: pd.DataFrame) -> Changes:
+    """What changed between the last version and the listing, by path and identity, in whole Arrow columns.
 
-    An image is redone when it is new, when its identity changed (replaced under the same name),
-    or when it could not be read last time (a transient failure, perhaps); one that failed to
-    decode stays an error until it changes. One hash lookup of paths, not a merge: at a million
-    images it holds some 100 MB more than its inputs, where a pandas merge held 500.
+    `parts`: the last version's part files one after another (name, and its path and identity
+    columns), each looked up in its own stretch of the sorted listing, so that the old rows are
+    never all held: at a million images this holds some 12 MB above the listing, where the rows and
+    a hash table of all their paths held 170. An image is redone when it is new, when its identity changed (replaced under the same
+    name), or when it could not be read last time (a transient failure, perhaps); one that failed
+    to decode stays an error until it changes. Where a path is both a row and an error, the row decides.
     """
-    listed = strings(listing.path)
-    last = pa.concat_tables([  # a row first: where a path is both a row and an error, the row outweighs the error
-        pa.table({"path": strings(rows.path), "identity": strings(rows.identity), "stage": pa.nulls(len(rows), pa.string())}),
-        pa.table({name: strings(errors[name]) for name in ("path", "identity", "stage")}),
-    ])
-    at = pc.index_in(listed, value_set=last["path"])  # each listed path's place in the last version, or null: new
-    new = pc.is_null(at)
-    changed = pc.and_not(pc.fill_null(pc.not_equal(strings(listing.identity), last["identity"].take(at)), True), new)
-    retried = pc.fill_null(pc.not_equal(last["stage"].take(at), "decode"), False)
-    redo = pc.or_(new, pc.or_(changed, retried))
-    gone = unlisted(last["path"], at, listed)
-    drop = gone | frozenset(listed.filter(pc.and_not(redo, new)).to_pylist())
+    listed, identities = strings(listing.path), strings(listing.identity)
+    in_rows, changed = np.zeros(len(listed), bool), np.zeros(len(listed), bool)
+    old, gone = [], set()
+    for name, table in parts:
+        if len(table):
+            part, positions, replaced, deleted = compare_part(name, table, listed, identities)
+            old.append(part)
+            in_rows[positions] = True
+            changed[positions[replaced]] = True
+            gone.update(deleted)
+    at = pc.index_in(listed, value_set=strings(errors.path))  # each listed path's error, or null (errors are few)
+    as_error = pc.is_valid(at).to_numpy() & ~in_rows
+    changed |= pc.fill_null(pc.not_equal(identities, strings(errors.identity).take(at)), True).to_numpy() & as_error
+    retried = pc.fill_null(pc.not_equal(strings(errors.stage).take(at), "decode"), False).to_numpy() & as_error
+    new = ~in_rows & ~as_error
+    gone |= unlisted(strings(errors.path), at, listed)
+    drop = frozenset(gone) | frozenset(listed.filter(changed | retried).to_pylist())
     return Changes(
-        featurize=listing[np.asarray(redo)],
+        featurize=listing[new | changed | retried],
         drop=drop,
         kept_errors=errors[~errors.path.isin(drop)],
-        added=pc.sum(new).as_py() or 0,
-        replaced=pc.sum(changed).as_py() or 0,
+        parts=sorted(old, key=lambda part: part.first),
+        added=int(new.sum()),
+        replaced=int(changed.sum()),
         removed=len(gone),
     )
 
 
+def compare_part(name: str, table: pa.Table, listed: pa.ChunkedArray, identities: pa.ChunkedArray):
+    """One old part against the stretch of the listing between its first and last path: the part as an update
+    sees it, the listing positions of its rows still listed, which of those were replaced, and its deleted paths.
+
+    Paths the listing has out of that stretch (were it not sorted as source.list_images sorts) would
+    be taken as deleted and listed anew: redone, not lost.
+    """
+    paths = table["path"]
+    low, high = (value.as_py() for value in pc.min_max(paths).values())
+    lo, hi = bisect.bisect_left(Sorted(listed), low), bisect.bisect_right(Sorted(listed), high)
+    at = pc.index_in(paths, value_set=listed.slice(lo, hi - lo))
+    found = pc.is_valid(at)
+    positions = at.drop_null().to_numpy().astype(np.int64) + lo
+    replaced = pc.fill_null(pc.not_equal(table["identity"].filter(found), identities.take(positions)), True)
+    deleted = paths.filter(pc.invert(found)).to_pylist()
+    dropped = frozenset(deleted) | frozenset(paths.filter(found).filter(replaced).to_pylist())
+    return OldPart(name, low, dropped, len(table) - len(dropped)), positions, replaced.to_numpy(), deleted
+
+
+class Sorted:
+    """A sorted Arrow string column as `bisect` reads it: one value at a time, never converted whole."""
+
+    def __init__(self, column: pa.ChunkedArray):
+        self.column = column
+
+    def __len__(self) -> int:
+        return len(self.column)
+
+    def __getitem__(self, index: int) -> str:
+        return self.column[index].as_py()
+
+
 def unlisted(last: pa.ChunkedArray, at: pa.ChunkedArray, listed: pa.ChunkedArray) -> frozenset:
-    """The paths of the last version that are not listed: those that no listed path found (`at`), but for a
-    second entry of a listed path (its error beside its row), found among these few rather than in a
-    second hash table of every listed path."""
+    """The paths of `last` (the old errors) that are not listed: those that no listed path found (`at`), but
+    for a second entry of a listed path, found among these few rather than in a hash table of every listed path."""
     found = np.zeros(len(last), bool)
     found[at.drop_null().to_numpy()] = True
     candidates = last.filter(~found)
@@ -169,7 +218,7 @@ def strings(column: pd.Series) -> pa.ChunkedArray:
     return (array if isinstance(array, pa.ChunkedArray) else pa.chunked_array([array])).cast(pa.string())
 
 
-def partitions(out: str, old_rows: pd.DataFrame, changes: Changes, staged: list[dict], size: int) -> list[sink.OutputPart]:
+def partitions(out: str, changes: Changes, staged: list[dict], size: int) -> list[sink.OutputPart]:
     """The parts of the new images.parquet/, rows sorted by path across them as after a full run.
 
     Each part of the previous output keeps its range of paths and takes the new rows that sort
@@ -180,10 +229,10 @@ def partitions(out: str, old_rows: pd.DataFrame, changes: Changes, staged: list[
     spans = [(new_paths[i], new_paths[min(i + size, len(new_paths)) - 1], part["staged"])
              for i, part in zip(range(0, len(new_paths), size), staged) if part["rows"]]
     span_firsts, span_lasts = [first for first, _, _ in spans], [last for _, last, _ in spans]
-    firsts = sorted(old_rows.groupby("part", observed=True).path.min().items(), key=lambda item: item[1])  # (part, first path)
-    dropped = {name: frozenset(paths) for name, paths in old_rows[old_rows.path.isin(changes.drop)].groupby("part", observed=True).path}
-    old = [(name, low if i else None, firsts[i + 1][1] if i + 1 < len(firsts) else None)
-           for i, (name, low) in enumerate(firsts)] or [(None, None, None)]
+    firsts = changes.parts
+    old = [(part.name, part.first if i else None, firsts[i + 1].first if i + 1 < len(firsts) else None)
+           for i, part in enumerate(firsts)] or [(None, None, None)]
+    dropped = {part.name: part.dropped for part in firsts}
     parts = []
     for name, low, high in old:
         inside = new_paths[position(new_paths, low, 0) : position(new_paths, high, len(new_paths))]

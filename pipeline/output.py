@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+from typing import Iterator
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 
@@ -117,25 +117,30 @@ class Output:
         except Exception as error:  # each storage backend fails its own way (no credentials, no endpoint...)
             raise UsageError(f"cannot read output {self.url}: {type(error).__name__}: {error}") from None
 
-    def rows_and_errors(self) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """The finished output's rows (path, identity, and the part file holding them) and its errors table.
+    def parts(self) -> Iterator[tuple[str, pa.Table]]:
+        """The finished output's part files one by one, in name order: each name and its path and identity columns.
 
-        In Arrow strings (the part as a number): some 70 bytes a row, where Python strings would take four times that.
+        One at a time, so that an update need not hold a million rows (sink.partitions' order: by path).
         """
-        tables = []
         self.fs.invalidate_cache(self.path)  # an earlier command in this process may have listed an older version
-        try:
-            for path in sorted(self.fs.find(self / sink.IMAGES)):
+        for path in sorted(self.fs.find(self / sink.IMAGES)):
+            with self.earlier_version():
                 table = sink.read_parquet(self.fs, path, columns=["path", "identity"])
-                part = pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(table), np.int32)), [path.rsplit("/", 1)[1]])
-                tables.append(table.append_column("part", part))  # a number a row, not a name
-            errors = sink.read_parquet(self.fs, self / sink.ERRORS, columns=sink.ERROR_COLUMNS).to_pandas(types_mapper=pd.ArrowDtype)
+            yield path.rsplit("/", 1)[1], table
+
+    def errors(self) -> pd.DataFrame:
+        """The finished output's errors table, in Arrow strings."""
+        with self.earlier_version():
+            return sink.read_parquet(self.fs, self / sink.ERRORS, columns=sink.ERROR_COLUMNS).to_pandas(types_mapper=pd.ArrowDtype)
+
+    @contextlib.contextmanager
+    def earlier_version(self):
+        """A file without the columns an update needs: say that the output must be made again."""
+        try:
+            yield
         except (KeyError, pa.ArrowInvalid):  # no identity column: an output of an earlier version
             raise UsageError(f"{self.url} was written by an earlier version of the pipeline, without image "
                              "identities: make it again with `python -m pipeline run --overwrite`") from None
-        rows = pa.concat_tables(tables) if tables else pa.table({"path": pa.array([], pa.string()), "identity": pa.array([], pa.string()),
-                                                                 "part": pa.array([], pa.string()).dictionary_encode()})
-        return rows.to_pandas(types_mapper=pd.ArrowDtype), errors
 
     def commit(self, manifest: dict) -> None:
         """Replace the previous version by the staged one; the manifest, written last, marks it finished."""

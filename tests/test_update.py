@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 from PIL import Image
 from scipy.linalg import subspace_angles
@@ -26,7 +27,8 @@ QUIET = dict(progress=False, say=lambda message: None)
 
 
 def listing(*rows) -> pd.DataFrame:
-    return pd.DataFrame([(path, "label", "Training", identity) for path, identity in rows],
+    """A listing of (path, identity), sorted by path as source.list_images gives it."""
+    return pd.DataFrame([(path, "label", "Training", identity) for path, identity in sorted(rows)],
                         columns=["path", "label", "split", "identity"])
 
 
@@ -35,8 +37,11 @@ def errors(*rows) -> pd.DataFrame:
                         columns=["path", "identity", "stage", "error", "message"])
 
 
-def output_rows(*rows) -> pd.DataFrame:
-    return pd.DataFrame([(path, identity, "part-00000.parquet") for path, identity in rows], columns=["path", "identity", "part"])
+def output_rows(*rows, per_part: int = 1000) -> list[tuple[str, pa.Table]]:
+    """An output's part files as an update reads them: the rows sorted by path, `per_part` to a part."""
+    rows, schema = sorted(rows), pa.schema([("path", pa.string()), ("identity", pa.string())])
+    return [(f"part-{i // per_part:05d}.parquet", pa.table(list(zip(*rows[i : i + per_part])) or [[], []], schema=schema))
+            for i in range(0, max(len(rows), 1), per_part)]
 
 
 def test_new_and_replaced_images_are_featurized_deleted_ones_dropped_the_rest_kept():
@@ -45,7 +50,7 @@ def test_new_and_replaced_images_are_featurized_deleted_ones_dropped_the_rest_ke
         output_rows(("same.jpg", "1"), ("replaced.jpg", "1"), ("deleted.jpg", "1")),
         errors(),
     )
-    assert list(changes.featurize.path) == ["new.jpg", "replaced.jpg"]
+    assert list(changes.featurize.path) == ["new.jpg", "replaced.jpg"]  # in path order, as listed
     assert changes.drop == {"replaced.jpg", "deleted.jpg"}
     assert (changes.added, changes.replaced, changes.removed) == (1, 1, 1)
 
@@ -60,6 +65,46 @@ def test_an_image_that_failed_to_decode_is_redone_only_once_it_changes_one_that_
     assert list(changes.featurize.path) == ["fixed.jpg", "unreadable.jpg"]
     assert list(changes.kept_errors.path) == ["broken.jpg"]
     assert (changes.added, changes.replaced, changes.removed) == (0, 1, 1)
+
+
+def test_each_part_of_the_output_is_told_where_it_starts_and_only_its_own_paths_to_drop():
+    changes = incremental.compare(
+        listing(("a", "1"), ("c", "1"), ("d", "1"), ("e", "2"), ("ee", "1"), ("f", "1"), ("g", "1"), ("h", "1"), ("z", "1")),
+        output_rows(("a", "1"), ("b", "1"), ("c", "1"), ("d", "1"), ("e", "1"), ("f", "1"), ("g", "1"), ("h", "1"), per_part=3),
+        errors(),
+    )
+    assert changes.parts == [incremental.OldPart("part-00000.parquet", "a", frozenset({"b"}), 2),
+                             incremental.OldPart("part-00001.parquet", "d", frozenset({"e"}), 2),
+                             incremental.OldPart("part-00002.parquet", "g", frozenset(), 2)]
+    assert list(changes.featurize.path) == ["e", "ee", "z"]
+
+
+def test_where_a_path_is_both_a_row_and_an_error_the_row_decides():
+    kept = incremental.compare(listing(("a.jpg", "1")), output_rows(("a.jpg", "1")), errors(("a.jpg", "0", "read")))
+    assert kept.featurize.empty and list(kept.kept_errors.path) == ["a.jpg"] and kept.removed == 0
+    replaced = incremental.compare(listing(("a.jpg", "2")), output_rows(("a.jpg", "1")), errors(("a.jpg", "2", "decode")))
+    assert list(replaced.featurize.path) == ["a.jpg"] and replaced.kept_errors.empty and replaced.replaced == 1
+
+
+def test_the_part_by_part_comparison_agrees_with_a_plain_one_on_random_versions():
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        paths = sorted({f"{rng.choice(['a', 'b', 'b b', 'é'])}/{rng.integers(10**4)}.jpg" for _ in range(rng.integers(1, 400))})
+        last = {path: "1" for path in paths if rng.random() < 0.8}
+        failed = {path: ("1", rng.choice(["read", "decode"])) for path in paths if path not in last and rng.random() < 0.3}
+        now = {path: rng.choice(["1", "2"], p=[0.9, 0.1]) for path in paths if rng.random() < 0.9}
+        changes = incremental.compare(listing(*now.items()), output_rows(*last.items(), per_part=int(rng.integers(1, 50))),
+                                      errors(*((path, identity, stage) for path, (identity, stage) in failed.items())))
+
+        new = {path for path in now if path not in last and path not in failed}
+        replaced = {path for path in now if path in last and now[path] != last[path]} | \
+                   {path for path in now if path in failed and now[path] != failed[path][0]}
+        retried = {path for path in now if path in failed and failed[path][1] == "read"}
+        gone = (set(last) | set(failed)) - set(now)
+        assert list(changes.featurize.path) == sorted(new | replaced | retried), trial
+        assert changes.drop == gone | replaced | retried, trial
+        assert (changes.added, changes.replaced, changes.removed) == (len(new), len(replaced), len(gone)), trial
+        assert sum(part.kept for part in changes.parts) == len(set(last) - gone - replaced), trial
 
 
 def test_nothing_changed_means_nothing_to_do():
