@@ -139,9 +139,9 @@ def compare(listing: pd.DataFrame, parts: Iterable[tuple[str, pa.Table]], errors
     `parts`: the last version's part files one after another (name, and its path and identity
     columns), each looked up in its own stretch of the sorted listing, so that the old rows are
     never all held: at a million images this holds some 12 MB above the listing, where the rows and
-    a hash table of all their paths held 170. An image is redone when it is new, when its identity changed (replaced under the same
-    name), or when it could not be read last time (a transient failure, perhaps); one that failed
-    to decode stays an error until it changes. Where a path is both a row and an error, the row decides.
+    a hash table of all their paths held 170. An image is redone when it is new, when its identity
+    changed (replaced under the same name), or when it could not be read last time (a transient
+    failure, perhaps); one that failed to decode stays an error until it changes. Where a path is both a row and an error, the row decides.
     """
     listed, identities = strings(listing.path), strings(listing.identity)
     in_rows, changed = np.zeros(len(listed), bool), np.zeros(len(listed), bool)
@@ -180,7 +180,8 @@ def compare_part(name: str, table: pa.Table, listed: pa.ChunkedArray, identities
     """
     paths = table["path"]
     low, high = (value.as_py() for value in pc.min_max(paths).values())
-    lo, hi = bisect.bisect_left(Sorted(listed), low), bisect.bisect_right(Sorted(listed), high)
+    sorted_listed = Sorted(listed)
+    lo, hi = bisect.bisect_left(sorted_listed, low), bisect.bisect_right(sorted_listed, high)
     at = pc.index_in(paths, value_set=listed.slice(lo, hi - lo))
     found = pc.is_valid(at)
     positions = at.drop_null().to_numpy().astype(np.int64) + lo
@@ -229,7 +230,7 @@ def partitions(out: str, changes: Changes, staged: list[dict], size: int) -> lis
     spans = [(new_paths[i], new_paths[min(i + size, len(new_paths)) - 1], part["staged"])
              for i, part in zip(range(0, len(new_paths), size), staged) if part["rows"]]
     span_firsts, span_lasts = [first for first, _, _ in spans], [last for _, last, _ in spans]
-    firsts = changes.parts
+    firsts = changes.parts  # in path order
     old = [(part.name, part.first if i else None, firsts[i + 1].first if i + 1 < len(firsts) else None)
            for i, part in enumerate(firsts)] or [(None, None, None)]
     dropped = {part.name: part.dropped for part in firsts}
