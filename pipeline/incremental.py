@@ -100,9 +100,9 @@ def update(
         kept_errors=changes.kept_errors.to_dict("records"), say=say, progress=progress, client=client, timings=timings,
     )
     featurized = sum(part["images"] for part in done.staged)
-    manifest = job.manifest_of(s, out, started, listing, weights, done, timings, featurized, tuple(base["model"].get("devices", [])))
+    manifest = job.manifest_of(s, out, started, listed, listing.skipped, weights, done, timings, featurized,
+                               tuple(base["model"].get("devices", [])))
     manifest = base | manifest | {"weights": base["weights"]}
-    manifest["counts"]["listed"] = listed
     manifest["history"] = base.get("history", []) + [
         {"command": "update", "input": s.input, "started": manifest["started"], "finished": manifest["finished"],
          "listed": listed, "added": changes.added, "replaced": changes.replaced, "removed": changes.removed,

@@ -81,7 +81,7 @@ def run(
     if isinstance(s.n_components, int) and done.pca.n_components < s.n_components:
         log.warning(f"{s.n_components} components asked, the data has {done.pca.n_components}: kept {done.pca.n_components}")
     featurized = sum(part["images"] for part in done.staged if not part["resumed"])
-    manifest = manifest_of(s, out, started, listing, weights, done, timings, featurized)
+    manifest = manifest_of(s, out, started, len(listing.rows), listing.skipped, weights, done, timings, featurized)
     manifest["history"] = [{"command": "run", "input": s.input, "started": manifest["started"], "finished": manifest["finished"],
                             "listed": len(listing.rows), "featurized": len(listing.rows), "failed": len(done.errors)}]
     out.commit(manifest)
@@ -180,9 +180,12 @@ def on_cluster(s: Settings, client, say: Callable[[str], None], timings: dict) -
         yield client
 
 
-def manifest_of(s: Settings, out: Output, started: datetime, listing: source.Listing, weights: featurize.Weights,
+def manifest_of(s: Settings, out: Output, started: datetime, listed: int, skipped: int, weights: featurize.Weights,
                 done: Done, timings: dict, featurized: int, devices: tuple[str, ...] = ()) -> dict:
-    """The manifest of a run or an update, without its history: what ran, with what, what it did, how fast."""
+    """The manifest of a run or an update, without its history: what ran, with what, what it did, how fast.
+
+    `listed` counts every image under the input (an update featurizes only some), `skipped` its non-image files.
+    """
     spec = featurize.model_spec(s.model)
     return {
         "input": s.input,
@@ -195,19 +198,19 @@ def manifest_of(s: Settings, out: Output, started: datetime, listing: source.Lis
                   "devices": sorted(set(devices) | {part["device"] for part in done.staged if "device" in part})},
         "weights": {"requested": s.weights, "used": weights.used, "warning": weights.warning},
         "cluster": done.workers,
-        **outcome(listing, done, timings, featurized),
+        **outcome(listed, skipped, done, timings, featurized),
         "dashboard": done.dashboard,
     }
 
 
-def outcome(listing: source.Listing, done: Done, timings: dict, featurized: int) -> dict:
+def outcome(listed: int, skipped: int, done: Done, timings: dict, featurized: int) -> dict:
     """The manifest's figures of one command (a run or an update): counts, PCA, timings and speed."""
     return {
         "counts": {
-            "listed": len(listing.rows),
+            "listed": listed,
             "written": done.written,
             "failed": len(done.errors),
-            "skipped_non_images": listing.skipped,
+            "skipped_non_images": skipped,
             "partitions": done.parts,
             "partitions_resumed": sum(part["resumed"] for part in done.staged),
             "partitions_redone": sum(part.get("redone", False) for part in done.staged),

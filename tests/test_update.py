@@ -162,6 +162,7 @@ def test_a_bucket_grown_in_three_steps_and_updated_after_each_equals_one_full_ru
     assert list(in_file_order(s3, "fruits/grown").path) == sorted(rows.path)  # the new rows merged in, not appended
     assert [entry["command"] for entry in manifest["history"]] == ["run", "update", "update"]
     assert manifest["pca"]["n_samples"] == full["pca"]["n_samples"] == 129
+    assert manifest["counts"]["listed"] == full["counts"]["listed"] and manifest["counts"]["written"] == full["counts"]["written"]
     assert manifest["pca"]["n_components"] == full["pca"]["n_components"]
     assert_same_pca(pca, exact, full["pca"]["n_components"])
     kept = pca["components"][: pca["n_components"]]
