@@ -3,8 +3,8 @@ with `--images N`, how long and how much featurizing N images would take on each
 
 The estimate: featurize seconds = N / (images/s per worker × workers), plus the cluster start a
 run measured; cost = those hours × the USD/hour of every instance (cluster/prices.yaml). The rate
-per worker comes from a finished run (`--from OUTPUT`: its manifest's featurize images/s ÷ its
-workers), else from the measured rates of cluster/rates.yaml.
+per worker comes from a finished output (`--from OUTPUT`: the featurize images/s ÷ the workers of the
+command in its history that featurized the most images), else from the measured rates of cluster/rates.yaml.
 """
 from __future__ import annotations
 
@@ -138,30 +138,43 @@ def worker_hardware(spec: specs.Local | specs.Ec2) -> tuple[int | None, bool]:
 
 
 def measured_rate(output: str) -> Rate:
-    """The images/s per worker of a finished run: its featurize images/s ÷ its worker processes (manifest.json)."""
+    """The images/s per worker of a finished output: the featurize images/s ÷ the worker processes of the command
+    in its history that featurized the most images (manifest.json)."""
     from pipeline.output import Output
 
     out = Output.at(output, dict(dask.config.get("pipeline.storage-options") or {}))
     url, manifest = out.url, out.manifest()
-    size = manifest.get("cluster") or {}
+    command, where = steadiest_command(manifest)
+    size = command.get("cluster") or {}
     if not size.get("workers"):
         raise UsageError(
             f"{url}/manifest.json does not say how many workers featurized (it was written before the manifest "
             "recorded `cluster`): give the output of a newer run, or plan without --from"
         )
-    speed = manifest["images_per_s"]["featurize"]
+    speed = command["images_per_s"]
     if not speed:
         raise UsageError(f"{url}: its last command featurized no image, so it measured no rate: give the output of one that did")
     workers, threads = size["workers"], size["threads"]
     devices = manifest["model"].get("devices") or []
-    start = manifest["timings_s"].get("cluster start", 0.0)
+    start = command["cluster_start_s"]
     source_text = (
-        f"{url} featurized {speed:.1f} images/s (manifest images_per_s.featurize) on {workers} worker(s) with "
+        f"{url} featurized {speed:.1f} images/s ({where}) on {workers} worker(s) with "
         f"{threads} thread(s) in all ({', '.join(devices) or 'devices not recorded'}): {speed / workers:.1f} per worker; "
         f"plus its cluster start, {start:.1f} s"
     )
     gpu = any(device.startswith("GPU") for device in devices) if devices else None
     return Rate(speed / workers, source_text, start, gpu, threads / workers)
+
+
+def steadiest_command(manifest: dict) -> tuple[dict, str]:
+    """The history's command that featurized the most images (an update of a few measures its fixed costs, not a
+    rate), and where its figures are; the manifest's own, its last command's, for outputs whose history has no rates."""
+    timed = [entry for entry in manifest.get("history", []) if "images_per_s" in entry]
+    if not timed:
+        return ({"images_per_s": manifest["images_per_s"]["featurize"], "cluster": manifest.get("cluster"),
+                 "cluster_start_s": manifest["timings_s"].get("cluster start", 0.0)}, "manifest images_per_s.featurize")
+    best = max(timed, key=lambda entry: entry.get("featurized", 0))
+    return best, f"its {best['command']} of {best['started'][:10]}, {best.get('featurized', 0):,} images: manifest history"
 
 
 def table_rate(spec: specs.Local | specs.Ec2) -> Rate:

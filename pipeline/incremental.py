@@ -103,10 +103,9 @@ def update(
     manifest = job.manifest_of(s, out, started, listed, listing.skipped, weights, done, timings, featurized,
                                tuple(base["model"].get("devices", [])))
     manifest = base | manifest | {"weights": base["weights"]}
-    manifest["history"] = base.get("history", []) + [
-        {"command": "update", "input": s.input, "started": manifest["started"], "finished": manifest["finished"],
-         "listed": listed, "added": changes.added, "replaced": changes.replaced, "removed": changes.removed,
-         "featurized": featurized, "failed": len(done.errors) - len(changes.kept_errors)}]
+    manifest["history"] = base.get("history", []) + [job.history_entry(
+        "update", s, manifest, done, listed=listed, added=changes.added, replaced=changes.replaced, removed=changes.removed,
+        featurized=featurized, failed=len(done.errors) - len(changes.kept_errors))]
     out.commit(manifest)
     return manifest
 

@@ -60,6 +60,24 @@ def test_the_estimate_divides_the_images_by_the_run_rate_per_worker_and_bills_ev
     assert "not the run's" not in text  # 8 threads per worker, CPU, like the run's
 
 
+def test_an_output_updated_since_its_run_is_planned_from_its_run_not_from_the_update_of_a_few(tmp_path, capsys):
+    out = finished_run(tmp_path, featurize_per_s=9.0, workers=1, start_s=2.0)  # the last command: an update of 90 images
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    manifest["history"] = [
+        {"command": "run", "started": "2026-12-01T10:00:00", "featurized": 100_000, "images_per_s": 120.0,
+         "cluster": {"workers": 2, "threads": 16}, "cluster_start_s": 30.0},
+        {"command": "update", "started": "2026-12-02T10:00:00", "featurized": 90, "images_per_s": 9.0,
+         "cluster": {"workers": 1, "threads": 8}, "cluster_start_s": 2.0},
+    ]
+    (tmp_path / "out" / "manifest.json").write_text(json.dumps(manifest))
+    path = cluster_file(tmp_path, CPU_CLUSTER)
+    rows, text = planned(capsys, path, "--images", "1000000", "--from", out)
+
+    assert rows[path][1] == "60.0"  # the run's 120 images/s ÷ its 2 workers
+    assert "featurized 120.0 images/s (its run of 2026-12-01, 100,000 images: manifest history) on 2 worker(s)" in text
+    assert "plus its cluster start, 30.0 s" in text
+
+
 def test_an_adaptive_cluster_gives_a_range_from_its_fewest_to_its_most_workers(tmp_path, capsys):
     path = cluster_file(tmp_path, GPU_CLUSTER)
     output = finished_run(tmp_path, featurize_per_s=600.0, workers=1, threads=4, start_s=0.0, devices=("GPU, mixed_float16",))
