@@ -104,7 +104,7 @@ def update(
                                tuple(base["model"].get("devices", [])))
     manifest = base | manifest | {"weights": base["weights"]}
     manifest["history"] = base.get("history", []) + [job.history_entry(
-        "update", s, manifest, done, listed=listed, added=changes.added, replaced=changes.replaced, removed=changes.removed,
+        "update", s, manifest, listed=listed, added=changes.added, replaced=changes.replaced, removed=changes.removed,
         featurized=featurized, failed=len(done.errors) - len(changes.kept_errors))]
     out.commit(manifest)
     return manifest

@@ -82,7 +82,7 @@ def run(
         log.warning(f"{s.n_components} components asked, the data has {done.pca.n_components}: kept {done.pca.n_components}")
     featurized = sum(part["images"] for part in done.staged if not part["resumed"])
     manifest = manifest_of(s, out, started, len(listing.rows), listing.skipped, weights, done, timings, featurized)
-    manifest["history"] = [history_entry("run", s, manifest, done, listed=len(listing.rows), featurized=len(listing.rows),
+    manifest["history"] = [history_entry("run", s, manifest, listed=len(listing.rows), featurized=len(listing.rows),
                                          failed=len(done.errors))]
     out.commit(manifest)
     return manifest
@@ -203,11 +203,11 @@ def manifest_of(s: Settings, out: Output, started: datetime, listed: int, skippe
     }
 
 
-def history_entry(command: str, s: Settings, manifest: dict, done: Done, **counts) -> dict:
+def history_entry(command: str, s: Settings, manifest: dict, **counts) -> dict:
     """One command's entry in the manifest's history: when, on what, its counts, and its featurize rate and
     workers, which `cluster plan --from` reads (the rate of a run, not that of a later update of a few images)."""
     return {"command": command, "input": s.input, "started": manifest["started"], "finished": manifest["finished"], **counts,
-            "images_per_s": manifest["images_per_s"]["featurize"], "cluster": done.workers,
+            "images_per_s": manifest["images_per_s"]["featurize"], "cluster": manifest["cluster"],
             "cluster_start_s": manifest["timings_s"].get("cluster start", 0.0)}
 
 
