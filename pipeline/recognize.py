@@ -451,8 +451,8 @@ def command(output: str, inputs: Sequence[str], *, to: str | None = None, neighb
     recognizer = Recognizer.load(output, storage_options)
     s = config.settings(input=inputs[0], output=to or f"{recognizer.url}/{FOLDER}", cluster=cluster_address,
                         storage_options=storage_options)
-    if many and s.output.rstrip("/") in (recognizer.url, recognizer.root):
-        raise UsageError(f"--to {s.output} is the output itself: give another folder for the predictions")
+    if many:
+        check_destination(recognizer, s.output, storage_options)
     with contextlib.ExitStack() as stack:
         if many or not recognizer.in_process:
             recognizer.client = stack.enter_context(cluster.connect(s.cluster, s.local_cluster, say))
@@ -460,6 +460,19 @@ def command(output: str, inputs: Sequence[str], *, to: str | None = None, neighb
         if many:
             return recognize_folder(recognizer, listings[0], s.output, s, recognizer.client, k, progress)
         return {"answers": [{"path": item.name} | dataclasses.asdict(answer) for item, answer in zip(items, answers(recognizer, items, k))]}
+
+
+def check_destination(recognizer: Recognizer, to: str, storage_options: dict) -> None:
+    """Refuse a --to that is the output or inside it (however spelled: ./out, out/, file://, a link), but for its predictions/.
+
+    recognize_folder replaces `to`'s _staging/ and errors.parquet: in the output, an interrupted
+    update's work and the output's own errors.
+    """
+    protocol, path = source.real_location(*source.open_url(to, storage_options))
+    output = source.real_location(recognizer.fs, recognizer.root)
+    if protocol == output[0] and path != f"{output[1]}/{FOLDER}" and (path + "/").startswith(output[1] + "/"):
+        raise UsageError(f"--to {to} is {'the output' if path == output[1] else 'inside the output'} {recognizer.url}: "
+                         f"give another folder for the predictions, or no --to to write them to {recognizer.url}/{FOLDER}")
 
 
 def answers(recognizer: Recognizer, items: list[Item], k: int) -> list[Answer]:

@@ -50,6 +50,13 @@ def full_url(fs: AbstractFileSystem, path: str) -> str:
     return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
+def real_location(fs: AbstractFileSystem, path: str) -> tuple[str, str]:
+    """Where a path really is, to tell whether two spellings name the same place: its filesystem's
+    protocol, and its path (a local one absolute, with links resolved)."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol, os.path.realpath(path) if is_local(fs) else path.rstrip("/")
+
+
 def list_images(url: str, storage_options: dict, extensions: tuple[str, ...]) -> Listing:
     """List every image under `url` in one flat listing; label = parent folder, split = Training/Test.
 

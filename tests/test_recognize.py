@@ -167,6 +167,57 @@ def test_more_images_than_a_handful_must_come_as_one_folder(hand_made):
                                 "give them as one folder or prefix to recognize them on the cluster")
 
 
+@pytest.fixture
+def interrupted(hand_made, tmp_path, monkeypatch):
+    """The hand-made output with an interrupted update in its _staging/, a folder of 3 photos, run from tmp_path."""
+    output, _, _ = hand_made
+    (output / sink.STAGING).mkdir()
+    (output / sink.RUN).write_text('{"command": "update"}')
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        (photos / name).write_bytes(b"not read: refused before")
+    (tmp_path / "link").symlink_to(output)
+    monkeypatch.chdir(tmp_path)
+    recognize.Recognizer.load("out")  # its classifier trained and saved: the output as a user has it
+    return output, photos
+
+
+def contents(folder):
+    return {path: path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.mark.parametrize("to", ["out", "./out", "out/", "out//", "{tmp}/out", "file://{tmp}/out", "file://{tmp}/out/",
+                                "link", "link/", "{tmp}/photos/../out", "out/_staging", "out/images.parquet", "link/new"])
+def test_recognize_to_the_output_however_spelled_is_refused_and_changes_nothing(interrupted, tmp_path, to):
+    output, photos = interrupted
+    before = contents(output)
+    with dask.config.set({"pipeline.recognize.in-process-images": 1}), pytest.raises(UsageError) as error:
+        recognize.command("out", [str(photos)], to=to.format(tmp=tmp_path))
+    assert str(error.value).startswith(f"--to {to.format(tmp=tmp_path)} is ")
+    assert f"the output {output}: give another folder" in str(error.value) or f"inside the output {output}:" in str(error.value)
+    assert contents(output) == before  # the interrupted update and the output's errors.parquet are untouched
+
+
+@pytest.mark.parametrize("to", ["out/predictions", "./out/predictions/", "link/predictions", "file://{tmp}/out/predictions",
+                                "elsewhere", "out-2", "."])
+def test_recognize_to_the_outputs_predictions_or_any_other_folder_is_allowed(interrupted, tmp_path, to):
+    recognizer = recognize.Recognizer.load("out")
+    assert recognize.check_destination(recognizer, to.format(tmp=tmp_path), {}) is None
+
+
+def test_recognize_to_an_s3_output_however_spelled_is_refused(hand_made, s3, s3_endpoint):
+    output, _, _ = hand_made
+    s3.put(str(output) + "/", "fruits/out/", recursive=True)
+    options = {"endpoint_url": s3_endpoint}
+    recognizer = recognize.Recognizer.load("s3://fruits/out", options)
+    for to in ("s3://fruits/out", "s3://fruits/out/", "s3a://fruits/out", "s3://fruits/out/_staging"):
+        with pytest.raises(UsageError, match="the output s3://fruits/out: give another folder|inside the output s3://fruits/out:"):
+            recognize.check_destination(recognizer, to, options)
+    for to in ("s3://fruits/out/predictions", "s3://fruits/out-2", str(output)):  # the local folder is another place
+        recognize.check_destination(recognizer, to, options)
+
+
 # --- end to end, with the CNN -------------------------------------------------------------------------
 
 
