@@ -54,7 +54,7 @@ def launch(spec: Ec2, path: str, say: Callable[[str], None]) -> Iterator[Client]
     if not spec.docker_image:
         raise UsageError(
             f"{path}: `docker-image` is not set: build cluster/Dockerfile, push it to a registry the "
-            "instances can pull from, and put its name there (see README.md, Clusters)"
+            "instances can pull from, and put its name there (see docs/ec2.md)"
         )
     run_id = f"fruits-{uuid.uuid4().hex[:8]}"
     ec2 = aws("ec2", spec.region)
@@ -260,7 +260,7 @@ def instance_profile(spec: Ec2, path: str) -> dict:
         if error.response["Error"]["Code"] == "NoSuchEntity":
             raise UsageError(
                 f"{path}: IAM instance profile {name!r} does not exist: create it with a role that may read the "
-                "input and write the output (README.md, Clusters), or name another in `iam-instance-profile`"
+                "input and write the output (docs/ec2.md), or name another in `iam-instance-profile`"
             ) from None
         # no right to look it up (iam:GetInstanceProfile): RunInstances will say if it is wrong
     return {"Name": name}

@@ -30,7 +30,7 @@ from .config import UsageError
 KERAS_APPLICATIONS = "https://storage.googleapis.com/tensorflow/keras-applications/"
 CPU_BATCH_SIZE, GPU_BATCH_SIZE = 32, 256  # `batch-size: auto`: a GPU is filled at 256 (docs/gpu.md)
 # Features of one image agree within this, relative to the largest feature of the images compared,
-# whatever the batch it shared, the partitioning, the CPU or the backend (README, "Features").
+# whatever the batch it shared, the partitioning, the CPU or the backend (docs/how-it-works.md, "Features").
 FEATURE_TOLERANCE = 1e-4
 
 
@@ -71,7 +71,7 @@ def features_agree(a: np.ndarray, b: np.ndarray, tolerance: float = FEATURE_TOLE
 
     The same image shares its batch with other images when partitioned otherwise, and CPUs and
     backends order their sums differently: its features move in the last bits (measured: 2.6e-6
-    of the largest feature, README "Features"), never more than this.
+    of the largest feature, docs/how-it-works.md "Features"), never more than this.
     """
     return a.shape == b.shape and float(np.abs(a - b).max(initial=0)) <= tolerance * float(np.abs(b).max(initial=0))
 

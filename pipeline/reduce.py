@@ -255,7 +255,7 @@ def update(pca: Pca, features: da.Array, n_components: int | float, batch_size: 
 
 def one_block(batch: da.Array) -> da.Array:
     """The batch as a single block: its SVD is then one LAPACK call on one worker, not a tall-skinny
-    QR over blocks of fewer rows than features, which is slower and holds more (README, PCA fit).
+    QR over blocks of fewer rows than features, which is slower and holds more (docs/how-it-works.md, The PCA fit).
     """
     return batch.rechunk({0: -1})
 
