@@ -3,14 +3,16 @@ with `--images N`, how long and how much featurizing N images would take on each
 
 The estimate: featurize seconds = N / (images/s per worker × workers), plus the cluster start a
 run measured; cost = those hours × the USD/hour of every instance (cluster/prices.yaml). The rate
-per worker comes from a finished output (`--from OUTPUT`: the featurize images/s ÷ the workers of the
-command in its history that featurized the most images), else from the measured rates of cluster/rates.yaml.
+per worker is one measured on the file's hardware: a finished output's (`--from OUTPUT`: the featurize
+images/s ÷ the workers of the command in its history that featurized the most images) when its run had
+the file's kind of workers (CPU, or the same GPU), else cluster/rates.yaml's; hardware with neither
+gets no estimate.
 """
 from __future__ import annotations
 
 import dataclasses
-import glob
 import pathlib
+import re
 import textwrap
 
 import dask.config
@@ -33,6 +35,7 @@ class Rate:
     source: str
     start_s: float = 0.0  # the cluster start that run measured, added to every estimate
     gpu: bool | None = None  # measured on GPU workers; None: not said
+    gpu_name: str | None = None  # the GPU measured on (NVIDIA H200...); None: a CPU, or a GPU not named
     threads: float | None = None  # threads per worker of the run measured; None: not said
 
 
@@ -63,8 +66,8 @@ def describe(path: str) -> str:
     settings = yaml.safe_dump(specs.settings(spec), sort_keys=False, allow_unicode=True)
     if isinstance(spec, specs.Local):
         n_workers, threads = local_size(spec.n_workers, spec.threads_per_worker)
-        head = (f"{path}: a LocalCluster on this machine, {n_workers} worker process(es) × {threads} thread(s); "
-                "nothing is launched, nothing is billed")
+        head = (f"{path}: a LocalCluster on this machine, {count(n_workers, 'worker process', 'worker processes')} × "
+                f"{count(threads, 'thread')}; nothing is launched, nothing is billed")
         return f"{head}\n\nsettings\n{indent(settings)}"
     return "\n".join([
         f"{path}: an EC2 cluster in {spec.region} (plan only: nothing is launched)",
@@ -84,9 +87,12 @@ def estimates(paths: list[str], n_images: int, rate: Rate | None) -> str:
     notes = [f"rate: {rate.source}"] if rate else []
     for path in paths:
         spec = specs.load(path)
-        file_rate = rate or table_rate(spec)
+        unlike = rate and unlike_run(spec, rate)
+        file_rate = rate if rate and not unlike else table_rate(spec)
         rows.append(table_row(path, spec, file_rate, estimate(spec, n_images, file_rate), n_images))
-        notes += [f"{path}: {note}" for note in file_notes(spec, file_rate, measured=rate is not None)]
+        notes += [f"{path}: {note}" for note in
+                  [*([unlike + ": its rate is not theirs"] if unlike else []),
+                   *file_notes(spec, file_rate, measured=file_rate is rate)]]
     prices = specs.prices()
     notes.append(f"prices: on-demand, Linux, {prices['region']}, as of {prices['as-of']} (cluster/prices.yaml); "
                  "disks, data transfer and S3 requests not included")
@@ -137,6 +143,28 @@ def worker_hardware(spec: specs.Local | specs.Ec2) -> tuple[int | None, bool]:
     return spec.workers.threads or info.get("vcpus"), spec.workers.gpu
 
 
+def worker_gpu(spec: specs.Local | specs.Ec2) -> str | None:
+    """The GPU each worker featurizes on (NVIDIA T4...), "GPU" when not known; None for CPU workers."""
+    if not worker_hardware(spec)[1]:
+        return None
+    if isinstance(spec, specs.Local):
+        return local_gpu_model()
+    return specs.prices()["instances"].get(spec.workers.instance_type, {}).get("gpu") or "GPU"
+
+
+def unlike_run(spec: specs.Local | specs.Ec2, rate: Rate) -> str | None:
+    """Why a run's rate cannot price these workers (a CPU run for GPU workers, another GPU...), or None if it can.
+
+    A GPU featurizes tens of times faster than a CPU, and one GPU several times faster than another.
+    """
+    if rate.gpu is None:  # an output from before the manifest recorded devices: threads are all there is to compare
+        return None
+    theirs, ran = worker_gpu(spec), (rate.gpu_name or "a GPU not named in its manifest") if rate.gpu else None
+    if theirs == ran and theirs != "GPU":
+        return None
+    return f"its workers featurize on {'a CPU' if theirs is None else theirs}, the run featurized on {ran or 'a CPU'}"
+
+
 def measured_rate(output: str) -> Rate:
     """The images/s per worker of a finished output: the featurize images/s ÷ the worker processes of the command
     in its history that featurized the most images (manifest.json)."""
@@ -158,12 +186,13 @@ def measured_rate(output: str) -> Rate:
     devices = manifest["model"].get("devices") or []
     start = command["cluster_start_s"]
     source_text = (
-        f"{url} featurized {speed:.1f} images/s ({where}) on {workers} worker(s) with "
-        f"{threads} thread(s) in all ({', '.join(devices) or 'devices not recorded'}): {speed / workers:.1f} per worker; "
+        f"{url} featurized {speed:.1f} images/s ({where}) on {count(workers, 'worker')} with "
+        f"{count(threads, 'thread')} in all ({', '.join(devices) or 'devices not recorded'}): {speed / workers:.1f} per worker; "
         f"plus its cluster start, {start:.1f} s"
     )
     gpu = any(device.startswith("GPU") for device in devices) if devices else None
-    return Rate(speed / workers, source_text, start, gpu, threads / workers)
+    names = {match.group(1) for device in devices if (match := re.match(r"GPU \((.+?)\)", device))}
+    return Rate(speed / workers, source_text, start, gpu, names.pop() if len(names) == 1 else None, threads / workers)
 
 
 def steadiest_command(manifest: dict) -> tuple[dict, str]:
@@ -185,7 +214,7 @@ def table_rate(spec: specs.Local | specs.Ec2) -> Rate:
             return gpu_rate(rates, local_gpu_model(), "this machine")
         threads = local_size(spec.n_workers, spec.threads_per_worker)[1]
         core = rates["cpu-core"]
-        return Rate(core["images-per-s"] * threads, f"{core['images-per-s']} images/s per core × {threads} thread(s), "
+        return Rate(core["images-per-s"] * threads, f"{core['images-per-s']} images/s per core × {count(threads, 'thread')}, "
                     f"from cluster/rates.yaml ({core['what']}; {core['source']}); another CPU will differ")
     instance = spec.workers.instance_type
     if instance in rates["instances"]:
@@ -209,18 +238,15 @@ def gpu_rate(rates: dict, gpu: str, where: str) -> Rate:
 
 def local_gpu_model() -> str:
     """The name the NVIDIA driver gives this machine's first GPU (e.g. NVIDIA H200), read without CUDA."""
-    for information in sorted(glob.glob("/proc/driver/nvidia/gpus/*/information")):
-        for line in pathlib.Path(information).read_text().splitlines():
-            name, _, value = line.partition(":")
-            if name.strip() == "Model":
-                return value.strip()
-    return "GPU"
+    from pipeline.featurize import gpu_name
+
+    return gpu_name() or "GPU"
 
 
 def table_row(path: str, spec: specs.Local | specs.Ec2, rate: Rate, result: Estimate, n_images: int) -> tuple[str, ...]:
     """One line of the estimates table."""
     threads = worker_hardware(spec)[0]
-    workers = span(result.workers, str) + (f" ({threads} threads)" if threads else "")
+    workers = span(result.workers, str) + (f" ({count(threads, 'thread')})" if threads else "")
     if result.hours is None:
         return (path, workers, "no measured rate" if rate.per_worker is None else "-", "?", "?", "?")
     if isinstance(spec, specs.Local):
@@ -240,10 +266,10 @@ def file_notes(spec: specs.Local | specs.Ec2, rate: Rate, measured: bool) -> lis
         notes.append("it starts no workers (`workers.n-workers: 0`): nothing would be featurized")
     if low != high:
         notes.append(f"adaptive: the range goes from {high} workers (fastest) to {low}")
-    threads, gpu = worker_hardware(spec)
-    if measured and ((rate.gpu is not None and rate.gpu != gpu) or (threads and rate.threads and threads != rate.threads)):
-        notes.append(f"its workers ({threads or '?'} threads, {'GPU' if gpu else 'CPU'}) are not the run's "
-                     f"({rate.threads:g} threads, {'GPU' if rate.gpu else 'CPU'}): the estimate assumes each featurizes as fast")
+    threads = worker_hardware(spec)[0]
+    if measured and threads and rate.threads and threads != rate.threads:
+        notes.append(f"its workers have {count(threads, 'thread')} each, the run's {count(rate.threads, 'thread')}: "
+                     "the estimate assumes each featurizes as fast")
     if isinstance(spec, specs.Ec2):
         notes.append("instances' boot and image pull: not measured, not included" if not measured else
                      "the cluster start is the run's, not this cluster's boot (instances, image pull: not measured)")
@@ -252,6 +278,11 @@ def file_notes(spec: specs.Local | specs.Ec2, rate: Rate, measured: bool) -> lis
         if hourly_prices(spec) is None:
             notes.append("an instance type not in cluster/prices.yaml: no cost")
     return notes
+
+
+def count(n: float, noun: str, plural: str | None = None) -> str:
+    """`1 thread`, `2 threads`, `1.5 threads`."""
+    return f"{n:g} {noun if n == 1 else plural or noun + 's'}"
 
 
 def columns(rows: list[tuple[str, ...]]) -> str:

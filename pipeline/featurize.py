@@ -206,7 +206,8 @@ class Featurizer:
         self.on_gpu = on_gpu(key.backend)
         mixed_precision = self.on_gpu if mixed_precision is None else mixed_precision
         self.precision = "mixed_float16" if mixed_precision else "float32"
-        self.device = f"{'GPU' if self.on_gpu else 'CPU'}, {self.precision}, {key.backend}"  # for the manifest
+        name = gpu_name() if self.on_gpu else None  # a plan prices GPU workers only from a run on the same GPU
+        self.device = f"{'GPU' if self.on_gpu else 'CPU'}{f' ({name})' if name else ''}, {self.precision}, {key.backend}"
         policy = keras.config.dtype_policy()
         keras.config.set_dtype_policy(self.precision)  # read by each layer as it is built
         try:
@@ -361,6 +362,17 @@ def configure_backend(backend: str, threads: int) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+def gpu_name(driver: str = "/proc/driver/nvidia") -> str | None:
+    """The model the NVIDIA driver gives this machine's first GPU (e.g. NVIDIA H200), read without CUDA; None if none."""
+    for information in sorted(glob.glob(f"{driver}/gpus/*/information")):
+        with open(information) as lines:
+            for line in lines:
+                name, _, value = line.partition(":")
+                if name.strip() == "Model" and value.strip():
+                    return value.strip()
+    return None
 
 
 def on_gpu(backend: str) -> bool:

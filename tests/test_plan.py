@@ -9,7 +9,7 @@ import yaml
 
 import pipeline
 from cluster import plan, spec
-from pipeline import cli
+from pipeline import cli, featurize
 from pipeline.config import SAMPLE_DIR, UsageError
 
 from test_cluster import REPO, cluster_file
@@ -55,9 +55,9 @@ def test_the_estimate_divides_the_images_by_the_run_rate_per_worker_and_bills_ev
     assert round(hours, 2) == 1.55
     assert rows[path] == ["3 (8 threads)", "60.0", plan.number(hours), plan.number(usd), plan.number(usd)]
     assert "featurizing 1,000,000 images" in text and "settings kind: ec2" in text  # one file: its plan, then the estimate
-    assert "featurized 120.0 images/s (manifest images_per_s.featurize) on 2 worker(s) with 16 thread(s)" in text
+    assert "featurized 120.0 images/s (manifest images_per_s.featurize) on 2 workers with 16 threads" in text
     assert "60.0 per worker; plus its cluster start, 30.0 s" in text
-    assert "not the run's" not in text  # 8 threads per worker, CPU, like the run's
+    assert "each, the run's" not in text and "its rate is not theirs" not in text  # 8 threads per worker, CPU, like the run's
 
 
 def test_an_output_updated_since_its_run_is_planned_from_its_run_not_from_the_update_of_a_few(tmp_path, capsys):
@@ -74,13 +74,14 @@ def test_an_output_updated_since_its_run_is_planned_from_its_run_not_from_the_up
     rows, text = planned(capsys, path, "--images", "1000000", "--from", out)
 
     assert rows[path][1] == "60.0"  # the run's 120 images/s ÷ its 2 workers
-    assert "featurized 120.0 images/s (its run of 2026-12-01, 100,000 images: manifest history) on 2 worker(s)" in text
+    assert "featurized 120.0 images/s (its run of 2026-12-01, 100,000 images: manifest history) on 2 workers" in text
     assert "plus its cluster start, 30.0 s" in text
 
 
 def test_an_adaptive_cluster_gives_a_range_from_its_fewest_to_its_most_workers(tmp_path, capsys):
     path = cluster_file(tmp_path, GPU_CLUSTER)
-    output = finished_run(tmp_path, featurize_per_s=600.0, workers=1, threads=4, start_s=0.0, devices=("GPU, mixed_float16",))
+    output = finished_run(tmp_path, featurize_per_s=600.0, workers=1, threads=4, start_s=0.0,
+                          devices=("GPU (NVIDIA T4), mixed_float16, tensorflow",))  # a g4dn.xlarge's
     rows, text = planned(capsys, path, "--images", "2000000", "--from", output)
 
     hours = [2_000_000 / (600.0 * k) / 3600 for k in (1, 4)]
@@ -94,10 +95,44 @@ def test_an_adaptive_cluster_gives_a_range_from_its_fewest_to_its_most_workers(t
     assert "adaptive: the range goes from 4 workers (fastest) to 1" in text
 
 
-def test_workers_unlike_the_run_are_named_as_the_assumption_they_are(tmp_path, capsys):
-    path = cluster_file(tmp_path, GPU_CLUSTER)
-    _, text = planned(capsys, path, "--images", "1000", "--from", finished_run(tmp_path, workers=1, threads=2))
-    assert "its workers (4 threads, GPU) are not the run's (2 threads, CPU): the estimate assumes each featurizes as fast" in text
+def test_cpu_workers_with_other_threads_than_the_run_are_named_as_the_assumption_they_are(tmp_path, capsys):
+    path = cluster_file(tmp_path, CPU_CLUSTER)
+    rows, text = planned(capsys, path, "--images", "1000", "--from", finished_run(tmp_path, workers=1, threads=1))
+    assert rows[path][1] == "120"  # the run's rate per worker
+    assert "its workers have 8 threads each, the run's 1 thread: the estimate assumes each featurizes as fast" in text
+
+
+def test_a_cpu_run_never_prices_gpu_workers(tmp_path, capsys):
+    path = cluster_file(tmp_path, GPU_CLUSTER)  # g4dn.xlarge: an NVIDIA T4 each, no measured rate in cluster/rates.yaml
+    rows, text = planned(capsys, path, "--images", "100000000", "--from", finished_run(tmp_path, workers=1, threads=1))
+    assert rows[path] == ["1-4 (4 threads)", "no measured rate", "?", "?", "?"]  # no hours, no price
+    assert "its workers featurize on NVIDIA T4, the run featurized on a CPU: its rate is not theirs" in text
+    assert "no measured rate for the NVIDIA T4 of g4dn.xlarge in cluster/rates.yaml" in text
+
+
+def test_a_run_on_another_gpu_or_on_an_unnamed_one_plans_with_the_rate_measured_on_the_files_gpu(tmp_path, capsys,
+                                                                                               monkeypatch):
+    rates = tmp_path / "rates.yaml"  # as if a T4 had been measured
+    t4 = {"images-per-s": 900, "what": "a measured T4", "source": "a T4 run"}
+    rates.write_text(yaml.safe_dump(RATES | {"gpus": RATES["gpus"] | {"NVIDIA T4": t4}}))
+    monkeypatch.setattr(plan, "RATES_FILE", rates)
+    path = cluster_file(tmp_path, GPU_CLUSTER)  # g4dn.xlarge: an NVIDIA T4 each
+    for at, (device, ran) in enumerate([("GPU (NVIDIA H200), mixed_float16, jax", "NVIDIA H200"),
+                                        ("GPU, mixed_float16, jax", "a GPU not named")]):
+        (tmp_path / str(at)).mkdir()
+        output = finished_run(tmp_path / str(at), featurize_per_s=6000.0, workers=1, threads=4, devices=(device,))
+        rows, text = planned(capsys, path, "--images", "1000000", "--from", output)
+        assert rows[path][1] == "900"  # the T4's measured rate, not the run's 6,000
+        assert f"its workers featurize on NVIDIA T4, the run featurized on {ran}" in text
+        assert "900 images/s per NVIDIA T4 worker, from cluster/rates.yaml (a measured T4; a T4 run)" in text
+
+
+def test_gpu_name_is_the_drivers_model_of_the_first_gpu(tmp_path):
+    for index, model in [("0000:01:00.0", "NVIDIA H200"), ("0000:02:00.0", "NVIDIA T4")]:
+        (tmp_path / "gpus" / index).mkdir(parents=True)
+        (tmp_path / "gpus" / index / "information").write_text(f"Model: \t\t {model}\nIRQ:   42\n")
+    assert featurize.gpu_name(str(tmp_path)) == "NVIDIA H200"
+    assert featurize.gpu_name(str(tmp_path / "none")) is None
 
 
 def test_several_files_side_by_side_vertical_against_horizontal(tmp_path, capsys, monkeypatch):
@@ -108,10 +143,10 @@ def test_several_files_side_by_side_vertical_against_horizontal(tmp_path, capsys
 
     assert list(rows) == files and "settings" not in text  # the table alone
     assert rows["cluster/local.yaml"][3:] == ["0 (this machine)", "0"]
-    for name in files[1:]:
-        usd = [float(cell) for cell in rows[name][3].split("-")]
-        assert [float(cell) for cell in rows[name][4].split("-")] == pytest.approx([cost / 2 for cost in usd], rel=1e-2)
+    usd = float(rows["cluster/ec2-cpu.yaml"][3])
+    assert float(rows["cluster/ec2-cpu.yaml"][4]) == pytest.approx(usd / 2, rel=1e-2)  # per million of 2 million
     assert rows["cluster/ec2-gpu.yaml"][0].startswith("1-8")  # adapts between 1 and 8 workers
+    assert rows["cluster/ec2-gpu.yaml"][1:] == ["no measured rate", "?", "?", "?"]  # a CPU run's rate is not a T4's
     assert "prices: on-demand, Linux, us-east-1" in text
 
 
