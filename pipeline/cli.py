@@ -116,6 +116,24 @@ def build_parser() -> argparse.ArgumentParser:
     recognize.add_argument("--endpoint-url", help="S3 endpoint of the output and the images (MinIO, a local S3 server, another region)")
     recognize.add_argument("--anon", action="store_true", help="read a public bucket without credentials")
     recognize.add_argument("--json", action="store_true", help="print the answers (or what was written) as JSON on stdout")
+    serve = commands.add_parser(
+        "serve",
+        help="answer photos over HTTP from a finished output, with a phone page at / and corrections at /labels",
+        description="An HTTP service (FastAPI + uvicorn): POST /recognize answers a photo with its label, confidence, "
+        "details and nearest images; GET /thumbnails/{row}; POST /labels stores a corrected photo under the output's "
+        "input in Contributed/<label>/ (needs the token of DASK_PIPELINE__SERVE__TOKEN); /healthz, /metrics, /docs, "
+        "and a page at / for a phone. Concurrent photos are answered in one model call. See docs/serve.md.",
+    )
+    serve.add_argument("output", metavar="OUTPUT", help="the --output of a finished run: folder or fsspec URL")
+    serve.add_argument("--host", help=f"address to listen on (default {default('serve.host')})")
+    serve.add_argument("--port", help=f"port to listen on (default {default('serve.port')})")
+    serve.add_argument("--details", metavar="FILE", help="YAML or JSON of details per label (default: OUTPUT/details.yaml "
+                       "or .json; for an output of the shipped sample, its apples' details)")
+    serve.add_argument("--update-every", metavar="DURATION", help="check for contributions this often (30s, 10m, 1h) and "
+                       "run `update` when some are not in the output yet, then answer from the new version "
+                       f"(default {default('serve.update-every')}: never)")
+    serve.add_argument("--endpoint-url", help="S3 endpoint of the output and its input (MinIO, a local S3 server, another region)")
+    serve.add_argument("--anon", action="store_true", help="read a public bucket without credentials")
     return parser
 
 
@@ -159,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         return write_evaluation(args.output, args.to, storage, args.json, args.max_images)
     if args.command == "recognize":
         return recognize_images(args, storage)
+    if args.command == "serve":
+        return serve_output(args, storage)
     quiet = args.quiet or args.json
     say = (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr, flush=True))
     common = dict(output=args.output, cluster=args.cluster, report=args.report, gpu=args.gpu, backend=args.backend,
@@ -226,6 +246,18 @@ def recognize_images(args: argparse.Namespace, storage: dict) -> int:
     except config.UsageError as error:
         fail(str(error))
     print(json.dumps(result, indent=2, ensure_ascii=False) if args.json else "\n".join(recognize.summary(result)))
+    return 0
+
+
+def serve_output(args: argparse.Namespace, storage: dict) -> int:
+    """`pipeline serve`: answer photos over HTTP until interrupted."""
+    from . import serve  # FastAPI, uvicorn and TensorFlow are imported only to serve
+
+    try:
+        serve.serve(args.output, storage, host=args.host, port=args.port, details=args.details, update_every=args.update_every,
+                    say=lambda message: print(message, file=sys.stderr, flush=True))
+    except config.UsageError as error:
+        fail(str(error))
     return 0
 
 

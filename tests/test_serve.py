@@ -1,0 +1,235 @@
+"""`python -m pipeline serve OUTPUT`: photos answered over HTTP by a real server process; corrections taken in."""
+import concurrent.futures
+import hashlib
+import io
+import json
+import os
+import pathlib
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import types
+
+import httpx
+import pytest
+from PIL import Image
+
+import pipeline
+from pipeline import serve, sink
+from pipeline.config import SAMPLE_DIR
+
+TOKEN = "a-test-token-of-the-service"
+LIMIT = 3_000_000  # serve.max-upload-bytes of the servers started here
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m pipeline serve` in its own process, on a free loopback port."""
+
+    def __init__(self, output: str, log: pathlib.Path, *args: str, env: dict | None = None):
+        self.port, self.log = free_port(), log
+        self.url = f"http://127.0.0.1:{self.port}"
+        environment = os.environ | {"DASK_PIPELINE__SERVE__TOKEN": TOKEN, "DASK_PIPELINE__SERVE__MAX_UPLOAD_BYTES": str(LIMIT)} | (env or {})
+        with open(log, "w") as out:
+            self.process = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", output, "--port", str(self.port), *args],
+                                            stdout=out, stderr=subprocess.STDOUT, env=environment)
+        self.client = httpx.Client(base_url=self.url, timeout=60)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"serve exited:\n{log.read_text()}"
+            try:
+                if self.client.get("/healthz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.5)
+        raise AssertionError(f"serve did not answer /healthz in 180 s:\n{log.read_text()}")
+
+    def close(self):
+        self.client.close()
+        self.process.terminate()
+        self.process.wait(30)
+
+
+def photo(label="Apple Braeburn", index=0) -> pathlib.Path:
+    return sorted((SAMPLE_DIR / "Training" / label).iterdir())[index]
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """The value of one sample of Prometheus's text format."""
+    wanted = ",".join(f'{key}="{value}"' for key, value in labels.items())
+    pattern = re.escape(name) + (r"\{" + re.escape(wanted) + r"\}" if labels else "") + r" (\S+)"
+    found = re.search(pattern, text, re.MULTILINE)
+    return float(found[1]) if found else 0.0
+
+
+@pytest.fixture(scope="module")
+def sample_output(dask_cluster, tmp_path_factory):
+    """An output of a copy of the shipped sample (random weights): its folder and its input's."""
+    root = tmp_path_factory.mktemp("serve")
+    shutil.copytree(SAMPLE_DIR / "Training", root / "images" / "Training")
+    pipeline.run(pipeline.settings(input=str(root / "images"), output=str(root / "out"), cluster=dask_cluster, weights="random"),
+                 progress=False, say=lambda message: None)
+    return root / "out", root / "images"
+
+
+@pytest.fixture(scope="module")
+def server(sample_output, tmp_path_factory):
+    output, _ = sample_output
+    started = Server(str(output), tmp_path_factory.mktemp("log") / "serve.log")
+    yield started
+    started.close()
+
+
+# --- answers ----------------------------------------------------------------------------------------
+
+
+def test_a_photo_is_answered_alike_as_an_upload_and_as_a_raw_body(server, sample_output):
+    output, _ = sample_output
+    image = photo("Apple Granny Smith", 2)
+    uploaded = server.client.post("/recognize", files={"image": (image.name, image.read_bytes(), "image/jpeg")})
+    raw = server.client.post("/recognize", content=image.read_bytes(), headers={"content-type": "image/jpeg"})
+    assert uploaded.status_code == raw.status_code == 200
+    answer = uploaded.json()
+    assert answer == raw.json()
+
+    assert answer["version"] == json.loads((output / sink.MANIFEST).read_text())["finished"]
+    nearest = answer["neighbours"][0]  # a photo of the output is its own nearest image
+    assert nearest["path"] == f"Training/Apple Granny Smith/{image.name}" and nearest["distance"] < 1e-3
+    assert answer["label"] == "Apple Granny Smith" and 0 < answer["confidence"] <= 1
+    assert answer["details"]["link"] == "https://en.wikipedia.org/wiki/Granny_Smith"  # the shipped apples' details
+    assert len(answer["neighbours"]) == 5
+
+
+def test_a_thumbnail_is_a_small_jpeg_of_a_row_of_the_output_and_nothing_else(server):
+    answer = server.client.post("/recognize", content=photo("Apple Pink Lady", 1).read_bytes()).json()
+    nearest = answer["neighbours"][0]
+    thumbnail = server.client.get(nearest["thumbnail"])
+    assert thumbnail.status_code == 200 and thumbnail.headers["content-type"] == "image/jpeg"
+    with Image.open(io.BytesIO(thumbnail.content)) as small:
+        assert small.format == "JPEG" and max(small.size) <= 128
+    assert server.client.get(f"/thumbnails/{nearest['row']}").content == thumbnail.content
+
+    assert server.client.get("/thumbnails/129").json() == {"error": "no row 129: the output has rows 0 to 128"}  # 129 photos
+    for hostile in ("/thumbnails/-1", "/thumbnails/..%2F..%2Fetc%2Fpasswd", "/thumbnails/1e9", "/thumbnails/%00"):
+        response = server.client.get(hostile)
+        assert response.status_code in (404, 422), hostile
+        assert "error" in response.json() or "detail" in response.json()
+
+
+def bomb() -> bytes:
+    """A PNG of 20,000 × 20,000 pixels: a few hundred KB that would decode to 400 MB."""
+    out = io.BytesIO()
+    Image.new("1", (20_000, 20_000)).save(out, "PNG")
+    return out.getvalue()
+
+
+def test_bad_uploads_get_a_4xx_with_a_one_line_reason_and_the_service_goes_on(server):
+    good = photo().read_bytes()
+    cases = {
+        "not an image": (b"hello, I am text", 415, "not an image: not an image Pillow can read: 16 bytes"),
+        "truncated": (good[:2000], 400, "unreadable image: image file is truncated"),
+        "too large": (b"\xff" * (LIMIT + 1), 413, f"too large: {LIMIT + 1:,} bytes, more than the limit of {LIMIT:,}"),
+        "decompression bomb": (bomb(), 413, "too many pixels: 20000 × 20000 pixels to decode"),
+        "empty": (b"", 400, "no image: send it as the request body or as the multipart field `image`"),
+    }
+    for name, (body, status, reason) in cases.items():
+        response = server.client.post("/recognize", content=body)
+        assert response.status_code == status, name
+        assert response.json()["error"].startswith(reason) and "\n" not in response.json()["error"], name
+
+    no_file = server.client.post("/recognize", data={"label": "x"}, files={"other": ("a.jpg", good)})
+    assert no_file.status_code == 400 and no_file.json() == {"error": "no image: the multipart form has no file field `image`"}
+    assert server.client.post("/recognize", content=good).status_code == 200
+
+
+def test_concurrent_photos_are_answered_in_fewer_model_calls_than_photos(server):
+    before = server.client.get("/metrics").text
+    photos = [photo(label.name, 0).read_bytes() for label in sorted((SAMPLE_DIR / "Training").iterdir())][:12] * 2
+    with concurrent.futures.ThreadPoolExecutor(len(photos)) as pool:
+        answers = list(pool.map(lambda body: httpx.post(f"{server.url}/recognize", content=body, timeout=120), photos))
+    assert all(response.status_code == 200 for response in answers)
+    assert [a.json()["label"] for a in answers[:12]] == [a.json()["label"] for a in answers[12:]]
+
+    after = server.client.get("/metrics").text
+    calls = metric(after, "pipeline_serve_batch_size_count") - metric(before, "pipeline_serve_batch_size_count")
+    photos_batched = metric(after, "pipeline_serve_batch_size_sum") - metric(before, "pipeline_serve_batch_size_sum")
+    assert photos_batched == 24 and calls < 24
+
+
+def test_metrics_count_requests_by_status_time_them_and_name_the_version(server):
+    server.client.post("/recognize", content=b"not an image")
+    server.client.post("/recognize", content=photo().read_bytes())
+    text = server.client.get("/metrics").text
+    assert metric(text, "pipeline_serve_requests_total", endpoint="/recognize", status="200") >= 1
+    assert metric(text, "pipeline_serve_requests_total", endpoint="/recognize", status="415") >= 1
+    assert metric(text, "pipeline_serve_request_seconds_count", endpoint="/recognize") >= 2
+    version = server.client.get("/healthz").json()["version"]
+    assert f'pipeline_serve_output_info{{version="{version}"}} 1.0' in text
+
+
+# --- corrections ------------------------------------------------------------------------------------
+
+
+def test_a_correction_with_the_token_is_stored_under_the_input_for_the_next_update(server, sample_output):
+    _, images = sample_output
+    body = photo("Apple Red 2", 3).read_bytes()
+    sent = server.client.post("/labels", files={"image": ("mine.jpg", body, "image/jpeg")},
+                              data={"label": "Apple Red 3", "note": "from the market"}, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert sent.status_code == 201, sent.text
+    digest = hashlib.sha256(body).hexdigest()
+    stored = images / "Contributed" / "Apple Red 3" / f"{digest}.jpg"
+    assert sent.json()["stored"] == f"Contributed/Apple Red 3/{digest}.jpg"
+    assert stored.read_bytes() == body  # as uploaded
+    details = json.loads(stored.with_suffix(".json").read_text())
+    assert details["label"] == "Apple Red 3" and details["note"] == "from the market" and details["sha256"] == digest
+
+
+def test_corrections_need_the_token_and_a_label_of_the_output_that_makes_no_path(server, sample_output):
+    _, images = sample_output
+    body = photo().read_bytes()
+
+    def send(label, token=TOKEN):
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return server.client.post("/labels", files={"image": ("a.jpg", body)}, data={"label": label}, headers=headers)
+
+    assert send("Apple Braeburn", token=None).status_code == 401
+    assert send("Apple Braeburn", token="a-test-token-of-the-servic").status_code == 401
+    for hostile in ("../../etc", "Apple/Braeburn", "Apple\\Braeburn", "Apple\x00", "..", "A" * 101):
+        response = send(hostile)
+        assert response.status_code == 400 and response.json()["error"].startswith("not a label"), hostile
+    unknown = send("Banana")
+    assert unknown.status_code == 400 and unknown.json()["error"].startswith("unknown label 'Banana': one of the output's 13 labels")
+    not_a_photo = server.client.post("/labels", files={"image": ("a.jpg", b"text")}, data={"label": "Apple Braeburn"},
+                                     headers={"Authorization": f"Bearer {TOKEN}"})
+    assert not_a_photo.status_code == 415
+    contributed = images / "Contributed"
+    assert not contributed.exists() or all(p.parent.name.startswith("Apple Red 3") for p in contributed.rglob("*.*"))
+
+
+def test_without_a_token_corrections_are_off():
+    with pytest.raises(serve.Refused) as refused:
+        serve.Service.authorize(types.SimpleNamespace(token=None), f"Bearer {TOKEN}")
+    assert refused.value.status == 403 and "started without a token" in refused.value.reason
+
+
+def test_the_page_and_the_schema_are_served(server):
+    page = server.client.get("/")
+    assert page.status_code == 200 and 'capture="environment"' in page.text
+    schema = server.client.get("/openapi.json").json()
+    assert {"/recognize", "/labels", "/thumbnails/{row}", "/healthz", "/metrics"} <= set(schema["paths"])
+    info = server.client.get("/info").json()
+    assert len(info["labels"]) == 13 and info["corrections"] is True
+
+
+def test_durations_read_as_seconds():
+    assert [serve.seconds(text) for text in ("30s", "10m", "1h", "600", None)] == [30, 600, 3600, 600, None]
+    with pytest.raises(ValueError, match="a duration must be a positive number"):
+        serve.seconds("soon")
