@@ -251,7 +251,10 @@ def recognize_images(args: argparse.Namespace, storage: dict) -> int:
 
 def serve_output(args: argparse.Namespace, storage: dict) -> int:
     """`pipeline serve`: answer photos over HTTP until interrupted."""
-    from . import serve  # FastAPI, uvicorn and TensorFlow are imported only to serve
+    try:
+        from . import serve  # FastAPI, uvicorn and TensorFlow are imported only to serve
+    except ModuleNotFoundError as missing:
+        fail(f"serve needs {missing.name}: pip install -e \".[serve]\"")
 
     try:
         serve.serve(args.output, storage, host=args.host, port=args.port, details=args.details, update_every=args.update_every,
