@@ -142,8 +142,8 @@ def where(command: argparse.ArgumentParser, input_help: str) -> None:
     command.add_argument("--input", help=input_help)
     command.add_argument("--output", help=f"folder or fsspec URL for the results (default {default('output')})")
     command.add_argument("--cluster", help=f"'local', a scheduler address tcp://host:8786, or a cluster file such as cluster/ec2-gpu.yaml (default {default('cluster')})")
-    command.add_argument("--backend", choices=list(config.BACKENDS), help="Keras 3's backend that runs the model on the workers "
-                         f"(default {default('backend')})")
+    command.add_argument("--backend", choices=list(config.BACKENDS), help="what runs the model on the workers: auto (onnxruntime on "
+                         f"CPU workers, tensorflow on GPU ones), onnxruntime, or Keras 3's tensorflow, jax or torch (default {default('backend')})")
     command.add_argument("--gpu", choices=["auto", "true", "false"], help="featurize on the workers declaring a GPU resource: "
                          f"auto (when any does), true (only there) or false (anywhere) (default {default('gpu')})")
     command.add_argument("--endpoint-url", help="S3 endpoint for input and output (MinIO, a local S3 server, another region)")

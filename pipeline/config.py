@@ -10,7 +10,7 @@ import yaml
 
 DEFAULTS_FILE = pathlib.Path(__file__).with_name("pipeline.yaml")
 SAMPLE_DIR = pathlib.Path(__file__).with_name("sample") / "fruits-360"
-BACKENDS = ("tensorflow", "jax", "torch")  # Keras 3's
+BACKENDS = ("auto", "onnxruntime", "tensorflow", "jax", "torch")  # auto: onnxruntime on CPU workers, tensorflow on GPU ones
 
 dask.config.update_defaults(yaml.safe_load(DEFAULTS_FILE.read_text()))
 
@@ -99,7 +99,7 @@ def parse_gpu(value: Any) -> str | bool:
 
 
 def parse_backend(value: Any) -> str:
-    """Keras 3's backend that featurizes: tensorflow, jax or torch."""
+    """What runs the model on the workers: auto, onnxruntime, or Keras 3's tensorflow, jax or torch."""
     text = str(value).strip().lower()
     if text in BACKENDS:
         return text

@@ -1,17 +1,21 @@
 """Features: the CNN registry, weights, a model cached per worker process, batched inference.
 
 Keras and its backend (TensorFlow, JAX or PyTorch: the `backend` setting) are imported inside
-functions, on the workers: the client lists, validates and reports without them.
+functions, on the workers: the client lists, validates and reports without them. A worker that
+runs ONNX Runtime imports neither: the network is exported once per machine by a child process.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import gc
 import glob
 import hashlib
 import importlib
+import importlib.metadata
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -63,7 +67,7 @@ class ModelKey:
     image_size: int
     weights: str  # "imagenet", "random" or a path/URL of a weights file
     seed: int
-    backend: str = "tensorflow"  # Keras 3's: tensorflow, jax or torch
+    backend: str = "tensorflow"  # the engine: auto, onnxruntime, or Keras 3's tensorflow, jax or torch
 
 
 def features_agree(a: np.ndarray, b: np.ndarray, tolerance: float = FEATURE_TOLERANCE) -> bool:
@@ -192,46 +196,30 @@ class Featurizer:
     """A model that maps uint8 images of any size to float32 features, in fixed-size batches.
 
     Written once against Keras 3 (`keras.ops`, `keras.applications`): the same model, weights,
-    preprocessing and in-graph resize run on TensorFlow, JAX or PyTorch; only `compiled()`
-    differs per backend. On a GPU it computes in float16 with float32 weights (Keras mixed
-    precision), which tensor cores (a T4's, say) run faster; features stay within 1e-2 of
-    float32's (tests/test_featurize.py). On a CPU it computes in float32. `mixed_precision`
-    forces either.
+    preprocessing and in-graph resize run on TensorFlow, JAX or PyTorch, or, exported once by
+    Keras to ONNX, on ONNX Runtime; only `compiled()` differs per engine. On a GPU it computes in
+    float16 with float32 weights (Keras mixed precision), which tensor cores (a T4's, say) run
+    faster; features stay within 1e-2 of float32's (tests/test_featurize.py). On a CPU, and on
+    ONNX Runtime, it computes in float32. `mixed_precision` forces either on Keras' backends.
     """
 
     def __init__(self, key: ModelKey, storage_options: dict, mixed_precision: bool | None = None):
-        keras = import_keras(key.backend)
-        spec = MODELS[key.model]
-        size = key.image_size
-        self.on_gpu = on_gpu(key.backend)
-        mixed_precision = self.on_gpu if mixed_precision is None else mixed_precision
-        self.precision = "mixed_float16" if mixed_precision else "float32"
-        name = gpu_name() if self.on_gpu else None  # a plan prices GPU workers only from a run on the same GPU
-        self.device = f"{'GPU' if self.on_gpu else 'CPU'}{f' ({name})' if name else ''}, {self.precision}, {key.backend}"
-        policy = keras.config.dtype_policy()
-        keras.config.set_dtype_policy(self.precision)  # read by each layer as it is built
-        try:
-            model = getattr(keras.applications, spec.application)(
-                include_top=False, weights=None, pooling="avg", input_shape=(size, size, 3)
-            )
-        finally:
-            keras.config.set_dtype_policy(policy)
-        if key.weights == "random":
-            randomize(model, key.seed)
-        elif key.weights == "imagenet":
-            model.load_weights(imagenet_weights_file(key.model))
+        backend = engine(key.backend)
+        if backend == "onnxruntime":  # no Keras and no TensorFlow in this process
+            self.model, prepare = onnx_session(key, storage_options), None
+            self.on_gpu = self.model.get_providers()[0] != "CPUExecutionProvider"
+            self.precision, self.to_numpy = "float32", np.asarray
         else:
-            model.load_weights(local_weights_file(key.weights, storage_options))
-        preprocess = getattr(keras.applications, spec.module).preprocess_input
-
-        # Images arrive at any size and are resized here, batched, which costs the model's cores
-        # less than resizing one by one with Pillow.
-        def prepare(batch):
-            return preprocess(keras.ops.image.resize(keras.ops.cast(batch, "float32"), (size, size)))
-
-        self.model = model
-        self.embed = compiled(model, prepare, key.backend)
-        self.n_features = spec.n_features
+            keras = import_keras(backend)
+            self.on_gpu = on_gpu(backend)
+            mixed_precision = self.on_gpu if mixed_precision is None else mixed_precision
+            self.precision = "mixed_float16" if mixed_precision else "float32"
+            self.model, prepare = keras_network(key, storage_options, self.precision)
+            self.to_numpy = keras.ops.convert_to_numpy
+        name = gpu_name() if self.on_gpu else None  # a plan prices GPU workers only from a run on the same GPU
+        self.device = f"{'GPU' if self.on_gpu else 'CPU'}{f' ({name})' if name else ''}, {self.precision}, {backend}"
+        self.embed = compiled(self.model, prepare, backend)
+        self.n_features = MODELS[key.model].n_features
 
     def __call__(self, arrays: list[np.ndarray], batch_size: int) -> tuple[np.ndarray, float]:
         """Features of each image in order, and the seconds spent in the model (not waiting for it).
@@ -241,8 +229,6 @@ class Featurizer:
         the process's model: on a GPU (which computes while Python goes on), the next partition's
         batches are queued while this one's results come back.
         """
-        import keras
-
         out = np.empty((len(arrays), self.n_features), dtype=np.float32)
         by_shape: dict[tuple, list[int]] = {}
         for i, array in enumerate(arrays):
@@ -257,12 +243,48 @@ class Featurizer:
                     batch[: len(chunk)] = [arrays[i] for i in chunk]
                     sent.append((chunk, self.embed(batch)))
         for chunk, features in sent:
-            out[chunk] = keras.ops.convert_to_numpy(features)[: len(chunk)]
+            out[chunk] = self.to_numpy(features)[: len(chunk)]
         return out, time.perf_counter() - started
 
 
-def compiled(model, prepare: Callable, backend: str) -> Callable:
-    """uint8 batch → float32 features, compiled by the backend's own compiler: the one step that differs per backend."""
+def keras_network(key: ModelKey, storage_options: dict, precision: str = "float32") -> tuple[object, Callable]:
+    """The Keras model with its weights, and `prepare`: uint8 images of any size → its resized, preprocessed input."""
+    import keras
+
+    spec = MODELS[key.model]
+    size = key.image_size
+    policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(precision)  # read by each layer as it is built
+    try:
+        model = getattr(keras.applications, spec.application)(
+            include_top=False, weights=None, pooling="avg", input_shape=(size, size, 3)
+        )
+    finally:
+        keras.config.set_dtype_policy(policy)
+    if key.weights == "random":
+        randomize(model, key.seed)
+    elif key.weights == "imagenet":
+        model.load_weights(imagenet_weights_file(key.model))
+    else:
+        model.load_weights(local_weights_file(key.weights, storage_options))
+    preprocess = getattr(keras.applications, spec.module).preprocess_input
+
+    # Images arrive at any size and are resized here, batched, which costs the model's cores
+    # less than resizing one by one with Pillow.
+    def prepare(batch):
+        return preprocess(keras.ops.image.resize(keras.ops.cast(batch, "float32"), (size, size)))
+
+    return model, prepare
+
+
+def compiled(model, prepare: Callable | None, backend: str) -> Callable:
+    """uint8 batch → float32 features, compiled by the engine's own compiler: the one step that differs per engine.
+
+    For ONNX Runtime, `model` is the InferenceSession of the exported network, `prepare` included.
+    """
+    if backend == "onnxruntime":
+        name = model.get_inputs()[0].name
+        return lambda batch: model.run(None, {name: batch})[0]
     import keras
 
     def embed(batch):
@@ -304,19 +326,24 @@ def featurizer(key: ModelKey, storage_options: dict) -> Featurizer:
         return _featurizers[key]
 
 
+def use_own_gpu(name: int | str | None) -> None:
+    """On a machine with several GPUs, local worker i (the LocalCluster names its workers 0, 1, ...)
+    sees only GPU i mod their number; set before CUDA starts in this process."""
+    gpus = visible_gpus()
+    if len(gpus) > 1 and isinstance(name, int):
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[name % len(gpus)]
+
+
 def import_keras(backend: str):
     """Keras on `backend`, set up for this worker before the backend's first import.
 
-    A process runs one backend (Keras reads KERAS_BACKEND once). On a machine with several GPUs,
-    local worker i (the LocalCluster names its workers 0, 1, ...) sees only GPU i mod their number.
+    A process runs one backend (Keras reads KERAS_BACKEND once).
     """
     if "keras" not in sys.modules:
         os.environ["KERAS_BACKEND"] = backend
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ information and warnings
         threads, name = worker_threads()
-        gpus = visible_gpus()
-        if len(gpus) > 1 and isinstance(name, int):
-            os.environ["CUDA_VISIBLE_DEVICES"] = gpus[name % len(gpus)]
+        use_own_gpu(name)
         # TensorFlow's C++ start-up lines (absl, CUDA probes on a CPU) are written before any log
         # level applies: they say nothing about the run, and a failed import still raises.
         with c_stderr_silenced():
@@ -421,6 +448,115 @@ def batch_size_for(setting: int | str, gpu: bool) -> int:
     if setting == "auto":
         return GPU_BATCH_SIZE if gpu else CPU_BATCH_SIZE
     return setting
+
+
+# --- ONNX Runtime: the same network, exported once per machine ------------------------------------
+
+
+def engine(backend: str) -> str:
+    """What runs the model in this worker for the `backend` setting: `auto` is ONNX Runtime on a CPU
+    worker (the fastest engine measured there, docs/performance.md), TensorFlow on a GPU worker."""
+    if backend != "auto":
+        return backend
+    return "tensorflow" if visible_gpus() else "onnxruntime"
+
+
+def onnx_session(key: ModelKey, storage_options: dict):
+    """The process's ONNX Runtime session of `key`'s exported network, given this worker's threads once.
+
+    Its CUDA provider (the onnxruntime-gpu wheel, docs/gpu.md) runs it on the worker's GPU where
+    there is one; otherwise the CPU's. Idle threads sleep rather than spin: the worker's other
+    threads decode meanwhile, and a spinning thread took their cores (docs/performance.md).
+    """
+    import onnxruntime
+
+    threads, name = worker_threads()
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    providers = ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers() and visible_gpus():
+        use_own_gpu(name)
+        providers.insert(0, "CUDAExecutionProvider")
+    return onnxruntime.InferenceSession(onnx_file(key, storage_options), options, providers=providers)
+
+
+def onnx_cache_folder() -> str:
+    """This user's folder of exported networks ($XDG_CACHE_HOME or ~/.cache, then fruits-pipeline/onnx)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "fruits-pipeline", "onnx")
+
+
+def onnx_file(key: ModelKey, storage_options: dict) -> str:
+    """`key`'s network as an ONNX file on this machine, exported on first use by a process of its own.
+
+    Cached by the model key, the weights file's bytes and the exporter's versions; the worker
+    processes of one machine wait for the one that exports (a lock file), then all read the file.
+    """
+    weights = key.weights if key.weights in ("random", "imagenet") else local_weights_file(key.weights, storage_options)
+    identity = {"model": key.model, "image-size": key.image_size, "weights": key.weights, "seed": key.seed,
+                "weights-sha256": None if weights in ("random", "imagenet") else file_sha256(weights),
+                "keras": package_version("keras"), "tf2onnx": package_version("tf2onnx")}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(onnx_cache_folder(), f"{key.model}-{key.image_size}-{digest}.onnx")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(f"{path}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not os.path.exists(path):
+                export_in_child(key.model, key.image_size, weights, key.seed, path)
+    return path
+
+
+def export_in_child(model: str, image_size: int, weights: str, seed: int, path: str) -> None:
+    """Run export_onnx in a new Python process, so that only it imports TensorFlow (on its CPU)."""
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = os.environ | {"KERAS_BACKEND": "tensorflow", "CUDA_VISIBLE_DEVICES": "",
+                        "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    code = "import json, sys; from pipeline.featurize import export_onnx; export_onnx(*json.loads(sys.argv[1]))"
+    child = subprocess.run([sys.executable, "-c", code, json.dumps([model, image_size, weights, seed, path])],
+                           env=env, capture_output=True, text=True, timeout=1800)
+    if child.returncode or not os.path.exists(path):
+        raise RuntimeError(f"exporting {model} to ONNX failed (exit code {child.returncode}); its last lines:\n"
+                           + "\n".join(child.stderr.strip().splitlines()[-15:]))
+
+
+def export_onnx(model: str, image_size: int, weights: str, seed: int, path: str) -> None:
+    """Write the network, `prepare` included (uint8 images of any size → features), to `path` as ONNX.
+
+    Keras' own export, on TensorFlow (it converts with tf2onnx); the weights are "random",
+    "imagenet" or a local file.
+    """
+    keras = import_keras("tensorflow")
+    network, prepare = keras_network(ModelKey(model, image_size, weights, seed), {})
+    images = keras.Input((None, None, 3), dtype="uint8", name="images")
+    whole = keras.Model(images, network(keras.layers.Lambda(prepare)(images)))
+    whole(np.zeros((1, image_size, image_size, 3), np.uint8))  # the export reads a called model's input signature
+    partial = f"{path}.{os.getpid()}.part"
+    try:
+        whole.export(partial, format="onnx", verbose=False)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def file_sha256(path: str) -> str:
+    """The SHA-256 of a file's bytes, read a megabyte at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def package_version(name: str) -> str | None:
+    """The installed version of a distribution, or None."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 # --- one partition ---------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ def test_mixed_precision_keeps_features_within_1e_2_of_float32(random_model, pho
     assert 0 < error.max() <= 1e-2
 
 
-def test_weights_load_from_a_file_or_a_bucket(random_model, photos, tmp_path, s3, s3_endpoint):
+def test_weights_load_from_a_file_or_a_bucket(random_model, photos, tmp_path, s3, s3_endpoint, monkeypatch):
     path = tmp_path / "apples.weights.h5"
     random_model.model.save_weights(path)
     s3.put(str(path), "fruits/models/apples.weights.h5")
@@ -68,6 +68,9 @@ def test_weights_load_from_a_file_or_a_bucket(random_model, photos, tmp_path, s3
         assert featurize.resolve_weights("mobilenet_v2", url, 0, options).used == url
         key = featurize.ModelKey("mobilenet_v2", 96, url, 0)
         np.testing.assert_array_equal(featurize.Featurizer(key, options)(photos, 4)[0], expected)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    exported = featurize.Featurizer(featurize.ModelKey("mobilenet_v2", 96, "s3://fruits/models/apples.weights.h5", 0, "onnxruntime"), options)
+    assert featurize.features_agree(exported(photos, 4)[0], expected)  # the file's weights, exported to ONNX
 
 
 def test_a_missing_weights_file_or_unknown_model_is_a_usage_error(tmp_path):
@@ -82,19 +85,29 @@ def test_resnet50_is_the_second_choice_with_2048_features(photos):
     assert features.shape == (2, 2048) and np.isfinite(features).all() and features.std(axis=0).mean() > 0
 
 
-@pytest.mark.parametrize("backend", ["jax", "torch"])
-def test_jax_and_torch_workers_give_tensorflows_features_and_never_import_tensorflow(backend, tmp_path, aws_env):
-    pytest.importorskip(backend)  # jax comes with the test extra; PyTorch's CPU wheel is optional
+@pytest.mark.parametrize("backend", ["jax", "torch", "onnxruntime"])
+def test_other_engines_give_tensorflows_features_and_their_workers_never_import_tensorflow(backend, tmp_path, monkeypatch, aws_env):
+    pytest.importorskip(backend)  # jax and onnxruntime come with the package; PyTorch's CPU wheel is optional
     from distributed import Client, LocalCluster
 
-    settings = pipeline.settings(output=str(tmp_path), weights="random", image_size=96, backend=backend, n_components=10)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # no exported network yet: the worker exports it
+    settings = pipeline.settings(output=str(tmp_path / "out"), weights="random", image_size=96, backend=backend, n_components=10)
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0") as cluster, Client(cluster) as client:
         manifest = pipeline.run(settings, client=client, progress=False, say=lambda message: None)
         [imported] = client.run(lambda: {name.split(".")[0] for name in sys.modules}).values()
     assert backend in imported and "tensorflow" not in imported  # (Keras on torch imports jax for some helpers)
     assert manifest["settings"]["backend"] == backend and manifest["model"]["devices"] == [f"CPU, float32, {backend}"]
+    if backend == "onnxruntime":  # exported once, by a child process, into this user's cache
+        assert "keras" not in imported and len(list((tmp_path / "cache").rglob("*.onnx"))) == 1
 
-    rows = pd.read_parquet(tmp_path / "images.parquet").sort_values("path")
+    rows = pd.read_parquet(tmp_path / "out" / "images.parquet").sort_values("path")
     photos = [decode((SAMPLE_DIR / path).read_bytes(), 96, LIMIT) for path in rows.path]
     expected, _ = featurize.featurizer(RANDOM, {})(photos, batch_size=32)  # this process runs TensorFlow
     assert featurize.features_agree(np.stack(rows.features), expected)
+
+
+def test_auto_runs_onnxruntime_on_cpu_workers_and_tensorflow_on_gpu_workers(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert featurize.engine("auto") == "onnxruntime" and featurize.engine("jax") == "jax"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert featurize.engine("auto") == "tensorflow" and featurize.engine("onnxruntime") == "onnxruntime"
