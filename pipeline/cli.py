@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         "errors.parquet, pca.npz and manifest.json beside it. Defaults come from pipeline/pipeline.yaml; "
         "DASK_PIPELINE__<KEY> variables override them, and these flags override both.",
     )
-    where(run, input_help=f"fsspec URL or folder of images; 'sample' = the shipped sample (default {default('input')})")
+    where(run, input_help=f"fsspec URL or folder of images, an S3 Inventory's manifest.json, or a listing file (.parquet, .csv); 'sample' = the shipped sample (default {default('input')})")
     run.add_argument("--model", choices=sorted(MODELS), help=f"CNN without its top (default {default('model')})")
     run.add_argument(
         "--weights",
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--n-components", help=f"components kept: an integer, or a fraction of variance such as 0.95 (default {default('n-components')})")
     run.add_argument("--image-size", help=f"model input side in pixels (default {default('image-size')})")
     run.add_argument("--batch-size", help=f"images per model call; auto: 32 on a CPU, 256 on a GPU (default {default('batch-size')})")
-    run.add_argument("--images-per-partition", help=f"images per Dask task (default {default('images-per-partition')})")
+    run.add_argument("--images-per-partition", help=f"images per Dask task, or auto: growing with the input (default {default('images-per-partition')})")
     run.add_argument("--pca-batch-size", help=f"rows per IncrementalPCA step; default 5 × features ({default('pca-batch-size')})")
     run.add_argument("--seed", help=f"seed of random weights (default {default('seed')})")
     again = run.add_mutually_exclusive_group()
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         "only (partial_fit), and every row is projected again with it. The model, weights and PCA settings are the "
         "output's own (see its manifest.json); its history lists every update. Run it again to finish an interrupted update.",
     )
-    where(incremental, input_help="fsspec URL or folder of images (default: the input the output was made from)")
+    where(incremental, input_help="fsspec URL or folder of images, a newer inventory's manifest.json or a listing file (default: the input the output was made from)")
     clusters = commands.add_parser("cluster", help="cluster files: plan what one would start, clean up what a killed run left")
     actions = clusters.add_subparsers(dest="action", required=True, parser_class=Parser)
     plan = actions.add_parser("plan", help="print the instances, their cost per hour and the settings of cluster files, "
@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
 def where(command: argparse.ArgumentParser, input_help: str) -> None:
     """The flags `run` and `update` share: where the images are and go, where to compute, what to print."""
     command.add_argument("--input", help=input_help)
+    command.add_argument("--prefix", help="with an S3 Inventory's manifest.json or a listing file as --input: only the "
+                         "keys under this prefix, as if --input named it")
     command.add_argument("--output", help=f"folder or fsspec URL for the results (default {default('output')})")
     command.add_argument("--cluster", help=f"'local', a scheduler address tcp://host:8786, or a cluster file such as cluster/ec2-gpu.yaml (default {default('cluster')})")
     command.add_argument("--backend", choices=list(config.BACKENDS), help="what runs the model on the workers: auto (onnxruntime on "
@@ -181,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         return serve_output(args, storage)
     quiet = args.quiet or args.json
     say = (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr, flush=True))
-    common = dict(output=args.output, cluster=args.cluster, report=args.report, gpu=args.gpu, backend=args.backend,
+    common = dict(output=args.output, input_prefix=args.prefix, cluster=args.cluster, report=args.report, gpu=args.gpu, backend=args.backend,
                   storage_options=storage)
     try:
         with contextlib.redirect_stdout(sys.stderr):  # stdout holds the summary or the JSON alone

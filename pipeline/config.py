@@ -24,13 +24,14 @@ class Settings:
     """One run's settings; field names are the YAML keys with `_` for `-`."""
 
     input: str
+    input_prefix: str | None
     output: str
     storage_options: dict
     cluster: str
     local_cluster: dict
     gpu: str | bool
     extensions: tuple
-    images_per_partition: int
+    images_per_partition: int | str
     max_image_pixels: int
     model: str
     backend: str
@@ -60,7 +61,11 @@ def settings(**overrides: Any) -> Settings:
         values["input"] = str(SAMPLE_DIR)
     values["extensions"] = tuple(e.lower().lstrip(".") for e in values["extensions"])
     values["n_components"] = parse_n_components(values["n_components"])
-    for name in ("images_per_partition", "max_image_pixels", "image_size", "seed"):
+    if str(values["images_per_partition"]).strip().lower() == "auto":
+        values["images_per_partition"] = "auto"
+    else:
+        values["images_per_partition"] = positive_int("images_per_partition", values["images_per_partition"], also="or auto")
+    for name in ("max_image_pixels", "image_size", "seed"):
         values[name] = positive_int(name, values[name], allow_zero=name == "seed")
     if str(values["batch_size"]).strip().lower() == "auto":
         values["batch_size"] = "auto"
@@ -74,6 +79,17 @@ def settings(**overrides: Any) -> Settings:
     values["local_cluster"] = {k.replace("_", "-"): v for k, v in (values["local_cluster"] or {}).items()}
     values["gpu"] = parse_gpu(values["gpu"])
     return Settings(**values)
+
+
+def partition_size(setting: int | str, images: int) -> int:
+    """Images a partition: the setting, or for `auto` 256 up to some 6 million images, then growing (by powers
+    of 2, up to 4,096) so that there are at most some 25,000 partitions: 10^8 images make 24,415 tasks of 4,096."""
+    if setting != "auto":
+        return int(setting)
+    size = 256
+    while size < 4096 and images > 25_000 * size:
+        size *= 2
+    return size
 
 
 def parse_n_components(value: Any) -> int | float:

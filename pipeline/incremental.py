@@ -20,11 +20,11 @@ import pyarrow.compute as pc
 
 import cluster
 
-from . import featurize, job, reduce, sink, source
+from . import config, featurize, job, listings, reduce, sink
 from .config import Settings
 from .output import RESUME_KEYS, Output
 
-KEPT_SETTINGS = (*(key for key in RESUME_KEYS if key != "input"), "n_components", "pca_batch_size")  # the output's
+KEPT_SETTINGS = (*(key for key in RESUME_KEYS if key not in ("input", "input_prefix")), "n_components", "pca_batch_size")  # the output's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +70,8 @@ def update(
     out = Output.at(settings.output, settings.storage_options)
     base = out.manifest()
     kept = {key: base["settings"][key] for key in KEPT_SETTINGS} | {"extensions": tuple(base["settings"]["extensions"])}
-    s = dataclasses.replace(settings, **kept, input=input or base["input"])
+    prefix = settings.input_prefix if settings.input_prefix is not None else base["settings"].get("input_prefix")
+    s = dataclasses.replace(settings, **kept, input=input or base["input"], input_prefix=prefix)
     if s.report:
         job.check_report_writable(s.report, s.storage_options)
     weights = featurize.Weights(base["weights"]["used"], base["weights"]["warning"])
@@ -81,11 +82,14 @@ def update(
         say(f"finishing the interrupted update of {out.url}")
     else:
         with job.stopwatch(timings, "list"):
-            listing = source.list_images(s.input, s.storage_options, s.extensions)
+            listing = listings.open_input(s)
+            if isinstance(listing, listings.Spread):  # compared here with the output, part by part
+                listing = listings.gathered(listing)
         out.check_writable()
         out.save_plan(s, listing, weights, command="update", base=base["finished"])
     changes = compare(listing.rows, out.parts(), out.errors())
     listed, listing = len(listing.rows), dataclasses.replace(listing, rows=changes.featurize.reset_index(drop=True))  # the rest only featurizes these
+    s = dataclasses.replace(s, images_per_partition=config.partition_size(s.images_per_partition, listed))
     say(f"{listed} images under {s.input}: {changes.added} new, {changes.replaced} replaced, "
         f"{changes.removed} removed, {len(changes.featurize)} to featurize")
     if changes.nothing:

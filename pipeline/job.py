@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 import cluster
 
-from . import featurize, reduce, sink, source
+from . import config, featurize, listings, reduce, sink, source
 from .config import Settings, UsageError
 from .output import Output
 
@@ -62,7 +62,7 @@ def run(
         say(f"resuming the interrupted run in {out.url}")
     else:
         with stopwatch(timings, "list"):
-            listing = source.list_images(s.input, s.storage_options, s.extensions)
+            listing = listings.open_input(s)
         weights = featurize.resolve_weights(s.model, s.weights, s.seed, s.storage_options)
         out.check_writable()
         out.save_plan(s, listing, weights, command="run")
@@ -70,7 +70,11 @@ def run(
         log.warning(weights.warning)
     if not cluster.on_this_machine(s.cluster) and (source.is_local(listing.fs) or source.is_local(out.fs)):
         log.warning("input or output is a local path and the cluster is not local: its workers must see that path too")
-    say(f"{len(listing.rows)} images under {s.input}; non-image files skipped: {listing.skipped}")
+    if isinstance(listing, listings.Spread):
+        say(f"{listing.kind} {s.input}: {len(listing.files)} data files, listed by the workers")
+    else:
+        say(f"{len(listing.rows)} images under {s.input}; non-image files skipped: {listing.skipped}")
+    s = dataclasses.replace(s, images_per_partition=config.partition_size(s.images_per_partition, listing.estimate))
 
     done = featurize_fit_write(
         s, out, listing, weights, lambda client: FullFit(client, out, s, spec.n_features, progress),
@@ -81,8 +85,8 @@ def run(
     if isinstance(s.n_components, int) and done.pca.n_components < s.n_components:
         log.warning(f"{s.n_components} components asked, the data has {done.pca.n_components}: kept {done.pca.n_components}")
     featurized = sum(part["images"] for part in done.staged if not part["resumed"])
-    manifest = manifest_of(s, out, started, len(listing.rows), listing.skipped, weights, done, timings, featurized)
-    manifest["history"] = [history_entry("run", s, manifest, listed=len(listing.rows), featurized=len(listing.rows),
+    manifest = manifest_of(s, out, started, done.listed, done.skipped, weights, done, timings, featurized)
+    manifest["history"] = [history_entry("run", s, manifest, listed=done.listed, featurized=done.listed,
                                          failed=len(done.errors))]
     out.commit(manifest)
     return manifest
@@ -135,6 +139,8 @@ class Done:
     written: int
     workers: dict  # the cluster's worker processes and threads when featurizing ended
     dashboard: str
+    listed: int  # images listed (featurized or resumed)
+    skipped: int  # non-image files under the input
 
 
 def featurize_fit_write(
@@ -153,8 +159,8 @@ def featurize_fit_write(
     with on_cluster(s, client, say, timings) as client:
         fit = fit_on(client)
         with stopwatch(timings, "featurize"):
-            staged = stage_features(client, listing, key, s, out.fs, out.path, progress,
-                                    cluster.featurize_resources(client, s.gpu), fit.add)
+            staged, listed = stage_features(client, listing, key, s, out.fs, out.path, progress,
+                                            cluster.featurize_resources(client, s.gpu), fit.add, say)
         workers = cluster.size(client)  # who featurized: `cluster plan --from` divides the rate by them
         errors = list(kept_errors) + [error for part in staged for error in part["errors"]]
         sink.write_parquet(out.fs, out / f"{sink.STAGING}/{sink.ERRORS}", sink.errors_table(errors))
@@ -164,7 +170,7 @@ def featurize_fit_write(
         with stopwatch(timings, "project + write"):
             parts, n_rows = parts_of(staged)
             written = write_output(client, parts, n_rows, out.fs, out.path, progress)
-        return Done(staged, errors, pca, len(parts), written, workers, client.dashboard_link)
+        return Done(staged, errors, pca, len(parts), written, workers, client.dashboard_link, listed.images, listed.skipped)
 
 
 @contextlib.contextmanager
@@ -234,21 +240,27 @@ def outcome(listed: int, skipped: int, done: Done, timings: dict, featurized: in
 
 
 def stage_features(client, listing, key, s: Settings, out_fs, out: str, progress: bool, resources=None,
-                   staged_one: Callable[[int, str], None] = lambda index, path: None) -> list[dict]:
-    """Featurize every partition on the workers (those with `resources`) and stage its features, in order.
+                   staged_one: Callable[[int, str], None] = lambda index, path: None,
+                   say: Callable[[str], None] = lambda message: None) -> tuple[list[dict], listings.Partitions]:
+    """Featurize every partition on the workers (those with `resources`) and stage its features, in order;
+    returns each partition's result and what was listed.
 
-    Each task is given its partition's byte range in `_staging/partitions.arrow`, not its rows, and
-    its result is let go once read, so that a worker lost later is not asked to redo it.
+    Each task is given its partition's byte range in a partitions file under `_staging/` (written here, or
+    by the workers for an inventory or listing file), not its rows, and its result is let go once read,
+    so that a worker lost later is not asked to redo it.
     Partitions an interrupted run already staged are not featurized again: their summary is read back.
     `staged_one(index, path)` is called as each partition with rows is staged (or found staged).
     The partitions redone because a worker was lost are counted in each result's "redone".
     """
     sink.make_folder(out_fs, f"{out}/{sink.STAGED}")
     done = set(out_fs.find(f"{out}/{sink.STAGED}"))
-    size, todo = s.images_per_partition, f"{out}/{sink.PARTITIONS}"
-    ranges = sink.write_partitions(out_fs, todo, listing.rows, size)
+    size = config.partition_size(s.images_per_partition, listing.estimate)
+    started = time.perf_counter()
+    listed = listings.partitions(listing, client, out_fs, out, size, say)
+    say(f"{listed.images} images in {len(listed.parts)} partitions of up to {size}; non-image files skipped: "
+        f"{listed.skipped} (listed in {time.perf_counter() - started:.1f} s)")
     futures = {}
-    for index, byte_range in enumerate(ranges):
+    for index, (todo, byte_range, n_images) in enumerate(listed.parts):
         staged = f"{out}/{sink.STAGED}/{sink.part_name(index)}"
         if staged in done:
             future = client.submit(sink.staged_summary, out_fs, staged, key=f"resume-{index}-{client.id}")
@@ -258,10 +270,10 @@ def stage_features(client, listing, key, s: Settings, out_fs, out: str, progress
                 s.max_image_pixels, s.storage_options, out_fs, staged, key=f"featurize-{index}-{client.id}",
                 resources=resources,
             )
-        futures[future] = (index, staged, min(size, len(listing.rows) - index * size))
+        futures[future] = (index, staged, n_images)
     featurizing = {future.key for future in futures if future.key.startswith("featurize-")}
-    results: list[dict] = [{}] * len(ranges)
-    with progress_bar("featurize", len(listing.rows), progress) as bar:
+    results: list[dict] = [{}] * len(listed.parts)
+    with progress_bar("featurize", listed.images, progress) as bar:
         for future, result in as_completed(list(futures), with_results=True):
             index, staged, n_images = futures.pop(future)
             results[index] = result | {"staged": staged, "images": n_images, "resumed": staged in done}
@@ -270,7 +282,7 @@ def stage_features(client, listing, key, s: Settings, out_fs, out: str, progress
             bar.update(n_images)
     for index in redone(client, featurizing):
         results[index]["redone"] = True
-    return results
+    return results, listed
 
 
 def redone(client, keys: set[str]) -> list[int]:

@@ -17,13 +17,13 @@ from typing import Iterator
 import pandas as pd
 import pyarrow as pa
 
-from . import featurize, sink, source
+from . import featurize, listings, sink, source
 from .config import Settings, UsageError
 
 # What decides a run's rows and features: an interrupted run resumes only with the same, and an
 # update keeps the output's own. The backend is not among them: it is where features are computed,
 # like the cluster, and every backend's agree within featurize.FEATURE_TOLERANCE.
-RESUME_KEYS = ("input", "extensions", "images_per_partition", "max_image_pixels", "model", "image_size",
+RESUME_KEYS = ("input", "input_prefix", "extensions", "images_per_partition", "max_image_pixels", "model", "image_size",
                "batch_size", "weights", "seed")
 
 
@@ -77,11 +77,14 @@ class Output:
 
         `about`: the command ("run" or "update") and, for an update, the version it started from.
         """
-        sink.write_arrow(self.fs, self / sink.LISTING, pa.Table.from_pandas(listing.rows, preserve_index=False))
         plan = {"settings": resume_settings(s), "weights": dataclasses.asdict(weights), "skipped": listing.skipped} | about
+        if isinstance(listing, listings.Spread):  # read again by the workers: the inventory's version is kept
+            plan["listing"] = {"kind": listing.kind, "version": listing.version}
+        else:
+            sink.write_arrow(self.fs, self / sink.LISTING, pa.Table.from_pandas(listing.rows, preserve_index=False))
         sink.write_json(self.fs, self / sink.RUN, plan)
 
-    def resume_plan(self, s: Settings, command: str = "run") -> tuple[source.Listing, featurize.Weights]:
+    def resume_plan(self, s: Settings, command: str = "run") -> tuple[source.Listing | listings.Spread, featurize.Weights]:
         """The listing and weights of the interrupted `command` here, if it had the same settings as `s`."""
         plan = sink.read_json(self.fs, self / sink.RUN)
         if plan.get("command", "run") != command:
@@ -98,6 +101,12 @@ class Output:
                 f"the interrupted {command} in {self.url} had other settings ({'; '.join(changed)}): finish it with "
                 f"the same settings, or {again}"
             )
+        if "listing" in plan:
+            spread = listings.open_listing(s.input, s.storage_options, s.extensions, s.input_prefix)
+            if spread.version != plan["listing"]["version"]:
+                raise UsageError(f"{s.input} has changed since the interrupted {command} in {self.url} began: delete "
+                                 f"{self.url}/{sink.STAGING} to give it up{', or pass --overwrite' if command == 'run' else ''}")
+            return spread, featurize.Weights(**plan["weights"])
         listing_fs, root = source.open_url(s.input, s.storage_options)
         if not self.holds(sink.LISTING):
             raise UsageError(f"the interrupted {command} in {self.url} was made by an earlier version of the pipeline: "

@@ -381,8 +381,8 @@ def recognize_folder(recognizer: Recognizer, listing: source.Listing, to: str, s
     url = source.full_url(out_fs, out)
     Output(out_fs, out, url).check_writable()
     sink.remove(out_fs, out, sink.STAGING)
-    staged = job.stage_features(client, listing, recognizer.key, s, out_fs, out, progress,
-                                cluster.featurize_resources(client, s.gpu))
+    staged, listed = job.stage_features(client, listing, recognizer.key, s, out_fs, out, progress,
+                                        cluster.featurize_resources(client, s.gpu))
     errors = [error for part in staged for error in part["errors"]]
     sink.write_parquet(out_fs, f"{out}/{sink.STAGING}/{sink.ERRORS}", sink.errors_table(errors))
     final = f"{out}/{sink.STAGING}/{PREDICTIONS}"
@@ -403,8 +403,8 @@ def recognize_folder(recognizer: Recognizer, listing: source.Listing, to: str, s
     for name in (PREDICTIONS, sink.ERRORS):
         sink.move(out_fs, f"{out}/{sink.STAGING}/{name}", f"{out}/{name}")
     sink.remove(out_fs, out, sink.STAGING)
-    return {"images": len(listing.rows), "answered": sum(p["rows"] for p in staged), "failed": len(errors),
-            "skipped_non_images": listing.skipped, "predictions": f"{url}/{PREDICTIONS}", "errors": f"{url}/{sink.ERRORS}"}
+    return {"images": listed.images, "answered": sum(p["rows"] for p in staged), "failed": len(errors),
+            "skipped_non_images": listed.skipped, "predictions": f"{url}/{PREDICTIONS}", "errors": f"{url}/{sink.ERRORS}"}
 
 
 # --- the command ---------------------------------------------------------------------------------------

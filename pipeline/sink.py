@@ -129,9 +129,10 @@ def read_parquet(fs, path: str, columns: list[str] | None = None) -> pa.Table:
         return pq.ParquetFile(f).read(columns=columns)
 
 
-def write_partitions(fs, path: str, rows: pd.DataFrame, size: int) -> list[tuple[int, int]]:
-    """Write the images to featurize, a compressed Arrow IPC stream of `size` rows per partition, one after another;
-    returns each partition's byte range (start, end) in the file.
+def write_partitions(fs, path: str, rows: pd.DataFrame | pa.Table, size: int) -> list[tuple[int, int]]:
+    """Write the images to featurize (path, label, split, identity: a listing's rows, or a table of strings),
+    a compressed Arrow IPC stream of `size` rows per partition, one after another; returns each partition's
+    byte range (start, end) in the file.
 
     A task is then given its partition's byte range, not its rows: neither the scheduler nor the
     tasks it holds grow with the listing, and each task reads its own bytes alone, however many
@@ -142,7 +143,8 @@ def write_partitions(fs, path: str, rows: pd.DataFrame, size: int) -> list[tuple
     def write(f):
         ranges.clear()  # publish may retry
         for first in range(0, len(rows), size):
-            stream, table = pa.BufferOutputStream(), rows_table(rows.iloc[first : first + size])
+            table = rows.slice(first, size) if isinstance(rows, pa.Table) else rows_table(rows.iloc[first : first + size])
+            stream = pa.BufferOutputStream()
             with pa.ipc.new_stream(stream, table.schema, options=COMPRESSED) as writer:
                 writer.write_table(table)
             data = stream.getvalue()

@@ -28,6 +28,11 @@ class Listing:
     rows: pd.DataFrame  # path (relative to root), label, split, identity; Arrow strings (label and split dictionary-encoded)
     skipped: int
 
+    @property
+    def estimate(self) -> int:
+        """How many images (what `images-per-partition: auto` grows with)."""
+        return len(self.rows)
+
 
 def open_url(url: str, storage_options: dict) -> tuple[AbstractFileSystem, str]:
     """The filesystem and its path for an fsspec URL or local folder."""

@@ -1,0 +1,362 @@
+"""Listings the workers read: an S3 Inventory (its manifest.json) or a listing file (Parquet or CSV of paths).
+
+The client reads only the manifest (or the listing file's footer) and hands each worker a few data
+files; the worker keeps the images under the prefix with the extensions asked for, sorts them by
+path and writes them as partitions (sink.write_partitions) to `_staging/partitions/NNNNN.arrow`.
+The client gets back byte ranges, counts and each group's first and last path: never the keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import posixpath
+import urllib.parse
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from fsspec.spec import AbstractFileSystem
+
+from . import sink, source
+from .config import UsageError
+
+# The inventory's fields an image needs, in the names of its ORC and Parquet files; its CSV files have no
+# header: their columns are named in the manifest's fileSchema ("Bucket, Key, Size, ...").
+FIELDS = {"Bucket": "bucket", "Key": "key", "IsLatest": "is_latest", "IsDeleteMarker": "is_delete_marker",
+          "Size": "size", "LastModifiedDate": "last_modified_date", "ETag": "e_tag"}
+LISTING_COLUMNS = ("path", "label", "split", "identity")  # a listing file's: path required, the others optional
+FORMATS = {".parquet": "parquet", ".csv": "csv", ".csv.gz": "csv", ".tsv": "csv"}
+
+
+@dataclasses.dataclass(frozen=True)
+class DataFile:
+    """One data file of a listing, or some of its row groups (a Parquet file is split between workers)."""
+
+    path: str
+    format: str  # csv, parquet or orc
+    columns: tuple[str, ...] | None = None  # a headerless CSV's column names (the inventory's fileSchema)
+    row_groups: tuple[int, ...] | None = None  # None: the whole file
+    bytes: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Partitions:
+    """What the workers listed: each partition's file, byte range and images, and the files skipped."""
+
+    parts: list[tuple[str, tuple[int, int], int]]
+    skipped: int
+
+    @property
+    def images(self) -> int:
+        return sum(n for _, _, n in self.parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Spread:
+    """A listing read by the workers, data file by data file: the images' filesystem and root (a bucket, or
+    the listing file's folder, and the prefix), and the data files with their own filesystem."""
+
+    fs: AbstractFileSystem
+    root: str
+    files_fs: AbstractFileSystem
+    files: tuple[DataFile, ...]
+    kind: str  # "inventory" or "listing file"
+    prefix: str  # only keys under it, given relative to it (as a listed prefix gives them)
+    extensions: tuple[str, ...]
+    version: str  # the manifest's or listing file's identity: --resume refuses another
+
+    skipped = 0  # known once listed: Partitions.skipped
+
+    @property
+    def estimate(self) -> int:
+        """About how many images, from the data files' sizes, before reading them (for `images-per-partition: auto`)."""
+        return sum(f.bytes for f in self.files) // BYTES_PER_KEY[self.files[0].format] if self.files else 0
+
+    def partitions(self, client, out_fs, out: str, size: int, say=lambda message: None) -> Partitions:
+        """List on the workers, `size` images a partition; data files whose paths overlap are sorted together."""
+        groups = [[f] for f in self.files]
+        while True:
+            bare = dataclasses.replace(self, files=())  # each task is sent its own data files only
+            futures = [client.submit(list_group, bare, group, out_fs, f"{out}/{sink.STAGING}/partitions/{i:05d}.arrow", size,
+                                     key=f"list-{i}-{len(groups)}-{client.id}", pure=False)
+                       for i, group in enumerate(groups)]
+            listed = client.gather(futures)
+            del futures
+            order = sorted(range(len(groups)), key=lambda i: listed[i]["first"] or "")
+            merged = overlapping([listed[i] for i in order], [groups[i] for i in order])
+            if len(merged) == len(groups):
+                break
+            say(f"{len(groups) - len(merged)} of the listing's data files share paths with another: sorting them together")
+            groups = merged
+        kept = [listed[i] for i in order if listed[i]["images"]]
+        parts = [(group["path"], tuple(byte_range), n) for group in kept for byte_range, n in zip(group["ranges"], group["counts"])]
+        return Partitions(parts, sum(group["skipped"] for group in listed))
+
+
+BYTES_PER_KEY = {"csv": 40, "parquet": 30, "orc": 30}  # compressed, measured on AWS-like inventories (benchmarks/listing.py)
+
+
+def overlapping(listed: list[dict], groups: list[list[DataFile]]) -> list[list[DataFile]]:
+    """The groups (sorted by first path) merged where a group's paths start before the previous one's end."""
+    merged, last = [], None
+    for result, group in zip(listed, groups):
+        if merged and result["images"] and last is not None and result["first"] <= last:
+            merged[-1] = merged[-1] + group
+        else:
+            merged.append(list(group))
+        if result["images"]:
+            last = max(last or "", result["last"])
+    return merged
+
+
+def open_input(s, say=lambda message: None) -> "source.Listing | Spread":
+    """The images of the settings' input: a folder or prefix listed here, or an inventory or listing file the
+    workers will read."""
+    if is_listing(s.input):
+        return open_listing(s.input, s.storage_options, s.extensions, s.input_prefix)
+    if s.input_prefix:
+        raise UsageError(f"`input-prefix` {s.input_prefix!r} is for an inventory's manifest.json or a listing file: "
+                         f"give the prefix in --input instead ({s.input.rstrip('/')}/{s.input_prefix.strip('/')})")
+    return source.list_images(s.input, s.storage_options, s.extensions)
+
+
+def partitions(listing: "source.Listing | Spread", client, out_fs, out: str, size: int, say=lambda message: None) -> Partitions:
+    """Write the listing's partitions, `size` images each: the client's rows here, a Spread's on the workers."""
+    if isinstance(listing, Spread):
+        sink.make_folder(out_fs, f"{out}/{sink.STAGING}/partitions")
+        return listing.partitions(client, out_fs, out, size, say)
+    path, n = f"{out}/{sink.PARTITIONS}", len(listing.rows)
+    ranges = sink.write_partitions(out_fs, path, listing.rows, size)
+    return Partitions([(path, byte_range, min(size, n - i * size)) for i, byte_range in enumerate(ranges)], listing.skipped)
+
+
+def gathered(spread: Spread) -> "source.Listing":
+    """A Spread's whole listing read here, data file by data file (what `update` compares with the output)."""
+    tables, skipped = [], 0
+    for data_file in spread.files:
+        table, others = select(read_data_file(spread, data_file), spread)
+        tables.append(table)
+        skipped += others
+    table = pa.concat_tables(tables).sort_by("path") if tables else select(empty(), spread)[0]
+    if not len(table):
+        raise UsageError(f"no images in the {spread.kind} {spread.files_fs.unstrip_protocol(spread.files[0].path) if spread.files else ''}"
+                         f"{' under ' + spread.prefix if spread.prefix else ''}: {skipped} other files")
+    rows = table.to_pandas(types_mapper=pd.ArrowDtype)
+    return source.Listing(fs=spread.fs, root=spread.root, rows=rows, skipped=skipped)
+
+
+def is_listing(url: str) -> bool:
+    """True if `url` names an inventory's manifest.json or a listing file rather than a folder or prefix."""
+    name = posixpath.basename(url.rstrip("/")).lower()
+    return name == "manifest.json" or any(name.endswith(ext) for ext in FORMATS)
+
+
+def open_listing(url: str, storage_options: dict, extensions: tuple[str, ...], prefix: str | None) -> Spread:
+    """The Spread of an inventory's manifest.json or a listing file: reads the manifest or the Parquet footer only."""
+    files_fs, path = source.open_url(url, storage_options)
+    try:
+        info = files_fs.info(path)
+        version = source.identity(info)
+        if posixpath.basename(path).lower() == "manifest.json":
+            return inventory(files_fs, path, storage_options, extensions, prefix or "", version)
+        return listing_file(files_fs, path, info, extensions, prefix or "", version)
+    except (UsageError, FileNotFoundError):
+        raise
+    except Exception as error:  # each storage backend fails its own way (no credentials, no endpoint...)
+        raise UsageError(f"cannot read the listing {url}: {type(error).__name__}: {error}") from None
+
+
+def inventory(files_fs, path: str, storage_options: dict, extensions, prefix: str, version: str) -> Spread:
+    """An S3 Inventory: the images are in its source bucket; its data files sit in its destination bucket, whose
+    layout (destination-prefix/source-bucket/config-ID/data/…) is found from the manifest's own place."""
+    manifest = json.loads(files_fs.cat_file(path))
+    try:
+        bucket, format, keys = manifest["sourceBucket"], manifest["fileFormat"].lower(), [f["key"] for f in manifest["files"]]
+    except (KeyError, TypeError, AttributeError):
+        raise UsageError(f"{path} is not an S3 Inventory manifest: it lacks sourceBucket, fileFormat or files") from None
+    if format not in ("csv", "orc", "parquet"):
+        raise UsageError(f"inventory format {manifest['fileFormat']!r} of {path}: CSV, ORC or Parquet expected")
+    columns = None
+    if format == "csv":
+        columns = tuple(name.strip() for name in manifest.get("fileSchema", "").split(","))
+        if "Key" not in columns:
+            raise UsageError(f"{path}: the CSV inventory's fileSchema names no Key column")
+    base = destination_root(path, keys)
+    files = tuple(DataFile(f"{base}/{f['key']}" if base else f["key"], format, columns, bytes=int(f.get("size", 0)))
+                  for f in manifest["files"])
+    fs, root = source.open_url(f"s3://{bucket}", storage_options)
+    prefix = prefix.strip("/")
+    return Spread(fs, f"{root}/{prefix}" if prefix else root, files_fs, files, "inventory", prefix, extensions, version)
+
+
+def destination_root(manifest_path: str, keys: list[str]) -> str:
+    """Where the destination bucket's keys start on the manifest's filesystem: the manifest sits at
+    <root>/<destination-prefix/source-bucket/config-ID>/<date>/manifest.json, its data files at
+    <root>/<destination-prefix/source-bucket/config-ID>/data/<file>, so a copy of the bucket on a disk reads alike."""
+    config = posixpath.dirname(posixpath.dirname(manifest_path))
+    common = posixpath.dirname(posixpath.dirname(keys[0])) if keys else ""
+    if common and (config == common or config.endswith(f"/{common}")):
+        return config[: len(config) - len(common)].rstrip("/")
+    raise UsageError(f"the inventory's data files ({keys[0] if keys else 'none'}) are not beside {manifest_path} "
+                     "in S3 Inventory's layout: give the manifest.json where S3 delivered it, or a copy of that folder")
+
+
+def listing_file(files_fs, path: str, info: dict, extensions, prefix: str, version: str) -> Spread:
+    """A Parquet or CSV file of paths relative to its own folder (optional label, split and identity columns).
+    A Parquet file is split between the workers by row groups, some 64 MB of them a task."""
+    name = posixpath.basename(path).lower()
+    format = next(FORMATS[ext] for ext in sorted(FORMATS, key=len, reverse=True) if name.endswith(ext))
+    if format == "parquet":
+        with files_fs.open(path, "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+        if "path" not in meta.schema.names:
+            raise UsageError(f"the listing file {path} has no `path` column (columns: {', '.join(meta.schema.names)})")
+        files = tuple(DataFile(path, format, row_groups=tuple(group), bytes=size) for group, size in row_group_runs(meta))
+    else:
+        files = (DataFile(path, format, bytes=int(info.get("size") or 0)),)
+    folder = posixpath.dirname(path)
+    prefix = prefix.strip("/")
+    return Spread(files_fs, f"{folder}/{prefix}" if prefix else folder, files_fs, files, "listing file", prefix,
+                  extensions, version)
+
+
+def row_group_runs(meta, target: int = 64 << 20) -> Iterator[tuple[list[int], int]]:
+    """Consecutive row groups of a Parquet file, some `target` compressed bytes a run."""
+    run, size = [], 0
+    for i in range(meta.num_row_groups):
+        run.append(i)
+        size += meta.row_group(i).total_byte_size
+        if size >= target:
+            yield run, size
+            run, size = [], 0
+    if run or not meta.num_row_groups:
+        yield run, size
+
+
+# --- on a worker -------------------------------------------------------------------------------------
+
+
+def list_group(spread: Spread, group: list[DataFile], out_fs, path: str, size: int) -> dict:
+    """On a worker: read some data files, keep the images, sort them and write them as partitions to `path`."""
+    tables = [read_data_file(spread, data_file) for data_file in group]
+    table, skipped = select(pa.concat_tables(tables) if tables else empty(), spread)
+    table = table.sort_by("path")
+    ranges = sink.write_partitions(out_fs, path, table, size) if len(table) else []
+    counts = [min(size, len(table) - i) for i in range(0, len(table), size)]
+    first, last = (table["path"][0].as_py(), table["path"][-1].as_py()) if len(table) else (None, None)
+    return {"path": path, "ranges": ranges, "counts": counts, "images": len(table), "skipped": skipped,
+            "first": first, "last": last}
+
+
+def empty() -> pa.Table:
+    return pa.table({name: pa.array([], pa.string()) for name in ("path", "identity")})
+
+
+def read_data_file(spread: Spread, data_file: DataFile) -> pa.Table:
+    """One data file as (path, identity[, label, split]) strings: an inventory's key (URL-decoded in CSV) and ETag."""
+    with spread.files_fs.open(data_file.path, "rb") as f:
+        if spread.kind == "inventory":
+            return inventory_rows(read_table(f, data_file, set(FIELDS.values()) | set(FIELDS)), data_file)
+        table = read_table(f, data_file, set(LISTING_COLUMNS))
+    if "path" not in table.column_names:
+        raise UsageError(f"the listing file {data_file.path} has no `path` column (columns: {', '.join(table.column_names)})")
+    columns = {name: table[name].cast(pa.string()) for name in LISTING_COLUMNS if name in table.column_names}
+    columns.setdefault("identity", pa.nulls(len(table), pa.string()))
+    columns["identity"] = pc.fill_null(columns["identity"], "")  # none given: an image changes only with its path
+    return pa.table(columns)
+
+
+def read_table(f, data_file: DataFile, wanted: set[str]) -> pa.Table:
+    """The wanted columns of a CSV (gzip or not), Parquet or ORC file, as they are there."""
+    if data_file.format == "parquet":
+        parquet = pq.ParquetFile(f)
+        names = [n for n in parquet.schema_arrow.names if n in wanted]
+        groups = data_file.row_groups
+        return parquet.read_row_groups(groups, columns=names) if groups is not None else parquet.read(columns=names)
+    if data_file.format == "orc":
+        from pyarrow import orc
+        reader = orc.ORCFile(f)
+        return reader.read(columns=[n for n in reader.schema.names if n in wanted])
+    stream = pa.PythonFile(f, mode="r")
+    if data_file.path.endswith(".gz"):
+        stream = pa.CompressedInputStream(stream, "gzip")
+    names = list(data_file.columns) if data_file.columns else None
+    return pacsv.read_csv(
+        stream,
+        read_options=pacsv.ReadOptions(column_names=names, block_size=8 << 20),
+        parse_options=pacsv.ParseOptions(delimiter="\t" if data_file.path.endswith(".tsv") else ","),
+        convert_options=pacsv.ConvertOptions(
+            include_columns=None if names is None else [n for n in names if n in wanted],
+            column_types={name: pa.string() for name in (*wanted, *(names or ()))}, strings_can_be_null=False),
+    )
+
+
+def inventory_rows(table: pa.Table, data_file: DataFile) -> pa.Table:
+    """An inventory's rows as (path, identity): the latest version of each object, its key decoded, its ETag
+    (or size@last-modified, as source.identity gives it for a listed object)."""
+    table = table.rename_columns([FIELDS.get(name, name) for name in table.column_names])
+    if "key" not in table.column_names:
+        raise UsageError(f"the inventory data file {data_file.path} has no key column")
+    keep = None
+    for column, wanted in (("is_latest", True), ("is_delete_marker", False)):  # a versioned bucket's inventory
+        if column in table.column_names:
+            is_true = pc.equal(pc.utf8_lower(table[column].cast(pa.string())), "true")
+            keep = pc.and_(keep, is_true if wanted else pc.invert(is_true)) if keep is not None else (is_true if wanted else pc.invert(is_true))
+    if keep is not None:
+        table = table.filter(pc.fill_null(keep, False))
+    keys = table["key"].cast(pa.string())
+    if data_file.format == "csv":
+        keys = url_decoded(keys)
+    if "e_tag" in table.column_names:
+        identity = pc.utf8_trim(table["e_tag"].cast(pa.string()), '"')
+    else:
+        identity = pc.binary_join_element_wise(table["size"].cast(pa.string()), table["last_modified_date"].cast(pa.string()), "@")
+    return pa.table({"path": keys, "identity": identity})
+
+
+def url_decoded(keys: pa.ChunkedArray) -> pa.ChunkedArray:
+    """S3 Inventory's CSV keys are URL-encoded (a space as '+', a '+' as %2B): decoded, only those that need it."""
+    encoded = pc.or_(pc.match_substring(keys, "%"), pc.match_substring(keys, "+"))
+    if not pc.any(encoded).as_py():
+        return keys
+    decoded = np.array(keys.to_pylist(), dtype=object)
+    at = np.flatnonzero(encoded.to_numpy(zero_copy_only=False))
+    decoded[at] = [urllib.parse.unquote_plus(key) for key in decoded[at]]
+    return pa.chunked_array([pa.array(decoded, pa.string())])
+
+
+def select(table: pa.Table, spread: Spread) -> tuple[pa.Table, int]:
+    """The rows under the prefix (their paths made relative to it) whose names end in an image extension, with
+    their label and split (from the path, as source.label_and_split gives them, where the file gives none);
+    and how many other files there were under the prefix."""
+    paths = table["path"]
+    if spread.prefix:
+        under = pc.starts_with(paths, spread.prefix + "/")
+        table = table.filter(under)
+        paths = pc.utf8_slice_codeunits(table["path"], len(spread.prefix) + 1)
+        table = table.set_column(0, "path", paths)
+    files = pc.invert(pc.ends_with(paths, "/"))  # a "folder/" marker object is no file
+    table, paths = table.filter(files), paths.filter(files)
+    extension = pc.utf8_lower(matched(paths, r"\.(?P<ext>[^./]*)$"))
+    images = pc.fill_null(pc.is_in(extension, pa.array(spread.extensions, pa.string())), False)
+    skipped = len(table) - pc.sum(images).as_py() if len(table) else 0
+    table = table.filter(images)
+    paths = table["path"]
+    root_split = source.SPLITS.get(posixpath.basename(spread.root).lower())
+    if "label" not in table.column_names:
+        label = matched(paths, r"(?:^|/)(?P<label>[^/]*)/[^/]*$")
+        table = table.append_column("label", pc.fill_null(label, ""))
+    if "split" not in table.column_names:
+        found = matched(pc.utf8_lower(paths), r"(?:^|/)(?P<s>training|test)/")
+        split = pc.if_else(pc.equal(found, "training"), "Training", pc.if_else(pc.equal(found, "test"), "Test", None))
+        table = table.append_column("split", split if root_split is None else pc.fill_null(split, root_split))
+    return table.select(list(LISTING_COLUMNS)).cast(pa.schema([(n, pa.string()) for n in LISTING_COLUMNS])), skipped
+
+
+def matched(strings, pattern: str):
+    """The one named group of `pattern` in each string, or null where it does not match."""
+    return pc.struct_field(pc.extract_regex(strings, pattern), [0])
