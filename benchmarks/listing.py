@@ -1,0 +1,233 @@
+"""Starting a run over many objects: an S3 Inventory as --input at 10^5, 10^6 and 10^7 keys, and a prefix listed on the
+S3 server by the workers or by the client alone.
+
+inventory   Writes an inventory in AWS's own layout (destination-prefix/source-bucket/config-ID/<date>/manifest.json,
+            data/<uuid>.csv.gz with URL-encoded keys, sizes, last-modified, ETags; some 10^6 keys a data file) under
+            --workdir, starts a real `dask scheduler` and one `dask worker` process of --workers processes, and runs
+            `python -m pipeline run --input …/manifest.json --cluster tcp://…` as a user types it. The keys name no
+            object (reads would fail): the listing and the scheduling are what is measured, so the run is stopped as
+            soon as the scheduler starts its first featurize task. Prints the seconds from the command to that task,
+            the client's and the scheduler's peak RSS (the kernel's VmHWM of each process), the featurize tasks, and
+            the listing's seconds (what the command says it took the workers).
+prefix      Puts --prefix-keys objects (empty: a listing does not read them) into a moto S3 server on loopback, in
+            100 folders, and lists them as `run` does: by the client alone (source.list_images), and by the workers
+            (listings.partitions of a worker-listed prefix on --prefix-workers worker processes). Same rows, same order.
+
+    .venv/bin/python benchmarks/listing.py                      # 10^5, 10^6, 10^7 keys and a prefix of 10^5 (some 10 minutes)
+    .venv/bin/python benchmarks/listing.py --keys 100000 --prefix-keys 10000   # a try
+
+Disk: some 17 bytes a key (10^7: 170 MB), removed at the end unless --keep.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SCHEMA = "Bucket, Key, Size, LastModifiedDate, ETag, IsMultipartUploaded, StorageClass"
+PER_FILE = 1_000_000  # keys a data file
+PER_FOLDER = 1_000  # images a folder (a label)
+GOALS = {"first task s": 30, "client MiB": 300, "client ratio": 1.1, "prefix speedup": 3}
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
+    return env
+
+
+def peak_rss(pid: int) -> int:
+    """The kernel's high-water mark of a process's resident memory (bytes)."""
+    return int(re.search(r"VmHWM:\s+(\d+) kB", pathlib.Path(f"/proc/{pid}/status").read_text()).group(1)) * 1024
+
+
+def keys(first: int, n: int) -> pa.Array:
+    """Keys first … first + n - 1 as a camera bucket's: photos/<folder>/<number>.jpg, some with a space to URL-encode."""
+    numbers = pa.array(range(first, first + n), pa.int64())
+    folder = pc.utf8_lpad(pc.cast(pc.divide(numbers, PER_FOLDER), pa.string()), 6, "0")
+    name = pc.utf8_lpad(pc.cast(numbers, pa.string()), 10, "0")
+    return pc.binary_join_element_wise("photos/farm%20", folder, "/", name, ".jpg", "")
+
+
+def write_inventory(folder: pathlib.Path, n: int, bucket: str = "camera") -> pathlib.Path:
+    """An inventory of `n` keys in AWS's layout under `folder` (a copy of the destination bucket); its manifest.json."""
+    config = f"inventory/{bucket}/daily"
+    files = []
+    for index, first in enumerate(range(0, n, PER_FILE)):
+        key = f"{config}/data/{index:08x}-8f2c-4b6e-9a51-{n:012d}.csv.gz"
+        path = folder / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with pa.CompressedOutputStream(str(path), "gzip") as out:
+            for start in range(first, min(first + PER_FILE, n), 100_000):
+                count = min(100_000, first + PER_FILE - start, n - start)
+                table = pa.table({
+                    "Bucket": pa.repeat(pa.scalar(bucket), count), "Key": keys(start, count),
+                    "Size": pa.repeat(pa.scalar("1048576"), count),
+                    "LastModifiedDate": pa.repeat(pa.scalar("2026-12-01T00:00:00.000Z"), count),
+                    "ETag": pc.utf8_lpad(pc.cast(pa.array(range(start, start + count)), pa.string()), 32, "e"),
+                    "IsMultipartUploaded": pa.repeat(pa.scalar("false"), count),
+                    "StorageClass": pa.repeat(pa.scalar("STANDARD"), count),
+                })
+                pacsv.write_csv(table, out, pacsv.WriteOptions(include_header=False, quoting_style="all_valid"))
+        files.append({"key": key, "size": path.stat().st_size, "MD5checksum": "0" * 32})
+    manifest = folder / config / "2026-12-01T01-00Z" / "manifest.json"
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps({
+        "sourceBucket": bucket, "destinationBucket": "arn:aws:s3:::inventory", "version": "2016-11-30",
+        "creationTimestamp": "1764550800000", "fileFormat": "CSV", "fileSchema": SCHEMA, "files": files}))
+    return manifest
+
+
+class Cluster:
+    """A real `dask scheduler` and one `dask worker` process of `workers` processes, one thread each."""
+
+    def __init__(self, folder: pathlib.Path, workers: int):
+        folder.mkdir(parents=True, exist_ok=True)
+        file = folder / "scheduler.json"
+        self.log = open(folder / "cluster.log", "w")
+        self.scheduler = subprocess.Popen(
+            [sys.executable, "-m", "dask", "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address", "127.0.0.1:0",
+             "--scheduler-file", str(file)], env=child_env(), stdout=self.log, stderr=subprocess.STDOUT)
+        while not file.exists() or not file.read_text().strip():
+            time.sleep(0.2)
+        self.address = json.loads(file.read_text())["address"]
+        self.workers = subprocess.Popen(
+            [sys.executable, "-m", "dask", "worker", self.address, "--nworkers", str(workers), "--nthreads", "1",
+             "--host", "127.0.0.1", "--no-dashboard", "--local-directory", str(folder / "space")],
+            env=child_env(), stdout=self.log, stderr=subprocess.STDOUT)
+        from distributed import Client
+        self.client = Client(self.address, timeout=120)
+        self.client.wait_for_workers(workers, timeout=120)
+
+    def stop(self) -> None:
+        self.client.close()
+        for process in (self.workers, self.scheduler):
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.log.close()
+
+
+def featurize_tasks(dask_scheduler) -> tuple[int, int]:
+    """On the scheduler: its featurize tasks, and how many of them a worker is running."""
+    tasks = [t for key, t in dask_scheduler.tasks.items() if str(key).startswith("featurize-")]
+    return len(tasks), sum(t.state == "processing" for t in tasks)
+
+
+def inventory_run(n: int, work: pathlib.Path, workers: int) -> dict:
+    """`python -m pipeline run` from an inventory of `n` keys, until its first featurize task starts."""
+    folder = work / f"inventory-{n}"
+    made = time.perf_counter()
+    manifest = write_inventory(folder / "destination", n)
+    print(f"\n{n:,} keys: inventory written in {time.perf_counter() - made:.1f} s "
+          f"({sum(f.stat().st_size for f in folder.rglob('*.gz')) / 2**20:.0f} MiB of CSV.gz)", flush=True)
+    cluster = Cluster(folder / "cluster", workers)
+    argv = [sys.executable, "-m", "pipeline", "run", "--input", str(manifest), "--output", str(folder / "out"),
+            "--cluster", cluster.address, "--weights", "random", "--image-size", "32",
+            "--endpoint-url", "http://127.0.0.1:9"]  # no S3 there: the keys are never read
+    print("  $ " + " ".join(argv[1:]), flush=True)
+    log = open(folder / "client.log", "w")
+    started = time.perf_counter()
+    client = subprocess.Popen(argv, env=child_env(), stdout=log, stderr=subprocess.STDOUT)
+    first, tasks = None, 0
+    try:
+        while client.poll() is None and time.perf_counter() - started < 600:
+            tasks, running = cluster.client.run_on_scheduler(featurize_tasks)
+            if running and first is None:
+                first = time.perf_counter() - started
+            if first is not None:  # every task submitted: their count stays put
+                time.sleep(1.0)
+                tasks = cluster.client.run_on_scheduler(featurize_tasks)[0]
+                break
+            time.sleep(0.1)
+        result = {"keys": n, "first task s": first, "client": peak_rss(client.pid), "scheduler": peak_rss(cluster.scheduler.pid),
+                  "tasks": tasks}
+    finally:
+        client.kill()
+        client.wait()
+        log.close()
+        cluster.stop()
+    said = (folder / "client.log").read_text(errors="replace")
+    listed = re.search(r"(\d+) images in (\d+) partitions of up to (\d+).*\(listed in ([\d.]+) s\)", said)
+    if first is None or not listed:
+        raise RuntimeError(f"the run did not reach its first featurize task: see {folder / 'client.log'}")
+    result |= {"images": int(listed[1]), "partitions": int(listed[2]), "size": int(listed[3]), "listing s": float(listed[4])}
+    print(f"  first featurize task after {first:.1f} s; {result['images']:,} images in {result['partitions']:,} partitions "
+          f"of up to {result['size']}; client {mib(result['client'])}, scheduler {mib(result['scheduler'])}", flush=True)
+    return result
+
+
+def mib(n: int | None) -> str:
+    return "–" if n is None else f"{n / 2**20:.0f} MiB"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--keys", type=int, nargs="+", default=[10**5, 10**6, 10**7])
+    parser.add_argument("--workers", type=int, default=2, help="worker processes of the inventory runs")
+    parser.add_argument("--prefix-keys", type=int, default=10**5)
+    parser.add_argument("--prefix-workers", type=int, default=4)
+    parser.add_argument("--workdir", default="/tmp/listing/benchmark")
+    parser.add_argument("--keep", action="store_true", help="keep the inventories under --workdir")
+    args = parser.parse_args()
+    work = pathlib.Path(args.workdir)
+    results = []
+    try:
+        for n in args.keys:
+            results.append(inventory_run(n, work, args.workers))
+            shutil.rmtree(work / f"inventory-{n}" / "destination", ignore_errors=True)
+        prefix = prefix_runs(args.prefix_keys, args.prefix_workers, work) if args.prefix_keys else None
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    print_table(results, prefix, args)
+    return 0
+
+
+def print_table(results: list[dict], prefix: dict | None, args) -> None:
+    print(f"\nInventory (CSV.gz, AWS's layout) as --input, {args.workers} worker processes of 1 thread; "
+          f"run stopped at its first featurize task")
+    print("| keys | first featurize task | client peak | scheduler peak | tasks (images a task) | listing on the workers |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['keys']:,} | {r['first task s']:.1f} s | {mib(r['client'])} | {mib(r['scheduler'])} | "
+              f"{r['tasks']:,} ({r['size']}) | {r['listing s']:.1f} s |")
+    if results:
+        largest, smallest = results[-1], results[0]
+        ratio = largest["client"] / smallest["client"]
+        print(f"\nclient peak {largest['keys']:,} / {smallest['keys']:,} keys: {ratio:.2f}x")
+        for goal, ok in ((f"first task within {GOALS['first task s']} s at {largest['keys']:,}", largest["first task s"] <= GOALS["first task s"]),
+                         (f"client peak <= {GOALS['client MiB']} MiB", largest["client"] <= GOALS["client MiB"] * 2**20),
+                         (f"client peak <= {GOALS['client ratio']}x its peak at {smallest['keys']:,}", ratio <= GOALS["client ratio"])):
+            print(f"{'GOAL' if ok else 'MISS'}: {goal}")
+    if prefix:
+        print(f"\nPrefix of {prefix['keys']:,} objects in {prefix['folders']} folders on the moto S3 server (loopback)")
+        print("| listed by | seconds | images | same rows, same order |")
+        print("|---|---:|---:|---|")
+        print(f"| the client alone | {prefix['client s']:.1f} | {prefix['client images']:,} | |")
+        print(f"| {prefix['workers']} worker processes | {prefix['workers s']:.1f} | {prefix['workers images']:,} | {prefix['same']} |")
+        speedup = prefix["client s"] / prefix["workers s"]
+        print(f"\nspeed-up {speedup:.1f}x\n{'GOAL' if speedup >= GOALS['prefix speedup'] else 'MISS'}: "
+              f">= {GOALS['prefix speedup']}x faster with {prefix['workers']} workers")
+
+
+def prefix_runs(n: int, workers: int, work: pathlib.Path) -> dict:
+    raise NotImplementedError
+
+
+if __name__ == "__main__":
+    sys.exit(main())
