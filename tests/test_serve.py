@@ -233,3 +233,77 @@ def test_durations_read_as_seconds():
     assert [serve.seconds(text) for text in ("30s", "10m", "1h", "600", None)] == [30, 600, 3600, 600, None]
     with pytest.raises(ValueError, match="a duration must be a positive number"):
         serve.seconds("soon")
+
+
+# --- the loop closed, as a user of the page closes it -------------------------------------------------
+
+
+def browser():
+    """Headless Chromium driven through Debian's chromedriver (CI installs both: .ci/run)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service as Driver
+    from test_report import chromium
+
+    binary, driver = chromium(), shutil.which("chromedriver")
+    if not driver:
+        pytest.fail("chromedriver is missing: .ci/run installs Debian's `chromium-driver` with apt-get")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=420,900"):
+        options.add_argument(argument)
+    return webdriver.Chrome(service=Driver(driver), options=options)
+
+
+@pytest.mark.slow
+def test_a_correction_sent_from_the_page_lands_in_the_bucket_and_the_next_version_answers_with_it(
+        s3, s3_endpoint, dask_cluster, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    storage = {"endpoint_url": s3_endpoint}
+    pipeline.run(pipeline.settings(input="s3://fruits/fruits-360", output=str(tmp_path / "out"), cluster=dask_cluster,
+                                   weights="random", storage_options=storage), progress=False, say=lambda message: None)
+    new = tmp_path / "new.jpg"  # a photo the output does not hold: one of the sample, mirrored
+    with Image.open(photo("Apple Golden 2", 4)) as image:
+        image.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(new, "JPEG", quality=90)
+    digest = hashlib.sha256(new.read_bytes()).hexdigest()
+    server = Server(str(tmp_path / "out"), tmp_path / "serve.log", "--endpoint-url", s3_endpoint, "--update-every", "2s",
+                    env={"DASK_PIPELINE__CLUSTER": dask_cluster})  # the update it starts runs on the tests' cluster
+    driver = browser()
+    try:
+        wait = WebDriverWait(driver, 120)
+        driver.get(server.url + "/")
+        wait.until(lambda d: d.find_element(By.ID, "version").text != "…")
+        first_version = driver.find_element(By.ID, "version").text
+        upload = driver.find_element(By.ID, "capture")
+        upload.send_keys(str(new))
+        wait.until(lambda d: d.find_element(By.ID, "label").text)
+        assert driver.find_element(By.ID, "label").text.startswith("Apple ")
+        assert "% sure" in driver.find_element(By.ID, "confidence").text
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#neighbours img")) == 5
+
+        Select(driver.find_element(By.ID, "other")).select_by_value("Apple Golden 2")  # "it is …"
+        driver.find_element(By.ID, "token").send_keys(TOKEN)
+        driver.find_element(By.ID, "send").click()
+        wait.until(lambda d: d.find_element(By.ID, "sent").text.startswith("Thank you"))
+        stored = f"fruits/fruits-360/Contributed/Apple Golden 2/{digest}.jpg"
+        assert s3.cat_file(stored) == new.read_bytes()
+        assert json.loads(s3.cat_file(stored[:-4] + ".json"))["label"] == "Apple Golden 2"
+
+        # the service updates the output while it answers: no request fails across the switch
+        statuses, body = [], photo().read_bytes()
+        deadline = time.monotonic() + 300
+        while server.client.get("/healthz").json()["version"] == first_version:
+            assert time.monotonic() < deadline, f"no new version in 300 s:\n{server.log.read_text()}"
+            statuses.append(server.client.post("/recognize", content=body).status_code)
+        assert len(statuses) > 3 and set(statuses) == {200}
+
+        driver.execute_script("arguments[0].value = ''", upload)
+        upload.send_keys(str(new))
+        wait.until(lambda d: d.find_element(By.ID, "version").text != first_version)
+        wait.until(lambda d: d.find_element(By.ID, "neighbours").find_elements(By.TAG_NAME, "img"))
+        titles = [image.get_attribute("title") for image in driver.find_elements(By.CSS_SELECTOR, "#neighbours img")]
+        assert titles[0] == f"Contributed/Apple Golden 2/{digest}.jpg"  # the contributed photo is its own nearest now
+    finally:
+        driver.quit()
+        server.close()
