@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--update-every", metavar="DURATION", help="check for contributions this often (30s, 10m, 1h) and "
                        "run `update` when some are not in the output yet, then answer from the new version "
                        f"(default {default('serve.update-every')}: never)")
+    serve.add_argument("--reload-every", metavar="DURATION", help="check this often whether the output has a new version "
+                       "(made by another replica's --update-every, or an `update`) and answer from it "
+                       f"(default {default('serve.reload-every')}: never)")
     serve.add_argument("--endpoint-url", help="S3 endpoint of the output and its input (MinIO, a local S3 server, another region)")
     serve.add_argument("--anon", action="store_true", help="read a public bucket without credentials")
     return parser
@@ -260,6 +263,7 @@ def serve_output(args: argparse.Namespace, storage: dict) -> int:
 
     try:
         serve.serve(args.output, storage, host=args.host, port=args.port, details=args.details, update_every=args.update_every,
+                    reload_every=args.reload_every,
                     say=lambda message: print(message, file=sys.stderr, flush=True))
     except config.UsageError as error:
         fail(str(error))

@@ -12,7 +12,8 @@ Concurrent photos are answered together: a request waits while the model is busy
 `serve.batch-wait-ms` more), then every waiting photo goes into one call of Recognizer.recognize,
 up to `serve.max-batch`. With `--update-every`, contributions not yet in the output start an
 `update` in another process; the new version is loaded beside the old one and answers from then
-on, the requests in flight finishing on the old.
+on, the requests in flight finishing on the old. `--reload-every` only follows the output's
+versions (the replicas beside the one that updates).
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from . import config, images, recognize, sink, source
 from .config import UsageError
+from .output import Output
 
 log = logging.getLogger("pipeline")
 PAGE = pathlib.Path(__file__).with_name("static") / "index.html"
@@ -98,8 +100,10 @@ class Version:
     def load(cls, output: str, storage_options: dict) -> "Version":
         """Load the output and warm the model, so that the first request is answered as fast as the others."""
         recognizer = recognize.Recognizer.load(output, storage_options)
-        paths = recognizer.reference.paths if recognizer.in_process else np.concatenate(
-            [sink.read_parquet(recognizer.fs, part, ["path"])["path"].to_numpy(zero_copy_only=False) for part in recognizer.parts])
+        if not recognizer.in_process:
+            raise UsageError(f"{recognizer.url} has {recognizer.manifest['counts']['written']:,} rows, more than "
+                             f"`recognize.in-process-rows` ({recognize.setting('in-process-rows'):,}) that serve holds in memory")
+        paths = recognizer.reference.paths
         recognizer.recognize([np.full((8, 8, 3), 255, np.uint8)], 1)  # builds the model once per process
         return cls(recognizer, {str(path): row for row, path in enumerate(paths)}, paths)
 
@@ -256,8 +260,9 @@ class Service:
     """What the endpoints share: the version answering, the batcher, the contributions, the metrics."""
 
     def __init__(self, output: str, storage_options: dict, details: str | None = None, token: str | None = None,
-                 update_every: float | None = None):
-        self.output, self.storage_options, self.update_every = output, storage_options, update_every
+                 update_every: float | None = None, reload_every: float | None = None):
+        self.output, self.storage_options = output, storage_options
+        self.update_every, self.reload_every = update_every, reload_every
         self.version = Version.load(output, storage_options)
         self.previous: Version | None = None  # its rows still give thumbnails to answers of the version before
         self.details = load_details(self.version.recognizer.fs, self.version.recognizer.root, details, self.version.labels, storage_options)
@@ -387,7 +392,7 @@ class Service:
         return sum(path.lower().endswith(extensions) and path not in version.rows for path in relative)
 
     def update_once(self) -> bool:
-        """Run `update` in another process if contributions wait; load the new version and answer from it."""
+        """Run `update` in another process if contributions wait; True when it made a new version."""
         if not self.waiting_contributions():
             return False
         self.updating.set()
@@ -398,28 +403,38 @@ class Service:
             if self.storage_options.get("anon"):
                 command.append("--anon")
             log.warning("contributions arrived: updating %s", self.output)
-            started = time.perf_counter()
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode != 0:
                 self.metrics.updates.labels("failed").inc()
                 log.error("update failed, still answering from %s:\n%s", self.version.name, result.stderr[-2000:])
                 return False
-            fresh = Version.load(self.output, self.storage_options)
-            self.previous, self.version = self.version, fresh  # one assignment: a batch answers from one or the other
-            self.metrics.version.info({"version": fresh.name})
             self.metrics.updates.labels("done").inc()
-            log.warning("now answering from %s (update and load: %.0f s)", fresh.name, time.perf_counter() - started)
             return True
         finally:
             self.updating.clear()
 
-    def update_loop(self) -> None:
-        while not self.stopped.wait(self.update_every):
+    def follow(self) -> bool:
+        """Answer from the output's newest version, if it is not the one answering: loaded beside it, then switched to."""
+        if Output.at(self.output, self.storage_options).manifest()["finished"] == self.version.name:
+            return False
+        started = time.perf_counter()
+        fresh = Version.load(self.output, self.storage_options)
+        self.previous, self.version = self.version, fresh  # a batch answers from the one it took, whole
+        self.metrics.version.info({"version": fresh.name})
+        log.warning("now answering from version %s (loaded in %.0f s)", fresh.name, time.perf_counter() - started)
+        return True
+
+    def watch(self) -> None:
+        """Every `update_every` seconds: update when contributions wait, and follow the output's versions (or only
+        follow them, every `reload_every` seconds: the replicas beside the one that updates)."""
+        while not self.stopped.wait(self.update_every or self.reload_every):
             try:
-                self.update_once()
+                if self.update_every:
+                    self.update_once()
+                self.follow()
             except Exception:  # keep answering from the version there is
                 self.metrics.updates.labels("failed").inc()
-                log.exception("the update loop failed; it tries again in %s s", self.update_every)
+                log.exception("watching the output failed; trying again in %s s", self.update_every or self.reload_every)
 
 
 class Metrics:
@@ -445,10 +460,8 @@ def app(service: Service) -> FastAPI:
     async def lifespan(_):
         service.queue = asyncio.Queue()
         batcher = asyncio.create_task(service.batches())
-        updater = None
-        if service.update_every:
-            updater = threading.Thread(target=service.update_loop, name="update-every", daemon=True)
-            updater.start()
+        if service.update_every or service.reload_every:
+            threading.Thread(target=service.watch, name="watch", daemon=True).start()
         yield
         service.stopped.set()
         batcher.cancel()
@@ -529,14 +542,15 @@ def app(service: Service) -> FastAPI:
 
 
 def serve(output: str, storage_options: dict, *, host: str | None = None, port: int | None = None, details: str | None = None,
-          update_every: str | None = None, say=print) -> None:
+          update_every: str | None = None, reload_every: str | None = None, say=print) -> None:
     """`python -m pipeline serve OUTPUT`: load the output, then answer until interrupted."""
     import uvicorn
 
     host = setting("host", host)
     port = config.positive_int("serve.port", setting("port", port))
     service = Service(output, storage_options, details=details or setting("details"), token=setting("token"),
-                      update_every=seconds(setting("update-every", update_every)))
+                      update_every=seconds(setting("update-every", update_every)),
+                      reload_every=seconds(setting("reload-every", reload_every)))
     say(f"answering from {service.version.recognizer.url} (version {service.version.name}) on http://{host}:{port}/ "
         f"(corrections {'on' if service.token else 'off: no serve.token'})")
     uvicorn.run(app(service), host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
