@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate",
         help="how well the PCA features tell the labels apart: a logistic regression's accuracy, per label and by k",
         description="Train a logistic regression on a finished run's PCA coordinates (its Training split, or a seeded "
-        "75% of each label when there is no Test split), score it on the Test split (or the other 25%) for the k kept "
+        "75% of each label when there is no Test split, or one series of Fruits-360's frames with --holdout series), score it on "
+        "the Test split (or the other 25%, or the other series) for the k kept "
         "and a few smaller k, and write evaluation.json, a confusion matrix, accuracy against k and evaluation.html to "
         "OUTPUT/evaluation/. The weights that produced the features are stated. An output of more than --max-images "
         "images is evaluated on a seeded sample of that many, each part of images.parquet giving its share, as the scores say.",
@@ -98,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     finished_output_arguments(evaluate, "the files", "evaluation")
     evaluate.add_argument("--max-images", metavar="N", help="evaluate a seeded sample of N images when the output has more "
                           f"(default {default('evaluate.max-images')}; null in pipeline.yaml: every image)")
+    evaluate.add_argument("--holdout", choices=["random", "series"], help="without a Test split, the images tested: a seeded 25%% "
+                          "of each label (random: flatters where images come in series), or Fruits-360's second series, "
+                          f"file names r_* (series) (default {default('evaluate.holdout')})")
     evaluate.add_argument("--json", action="store_true", help="print evaluation.json on stdout instead of the summary")
     recognize = commands.add_parser(
         "recognize",
@@ -179,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         return write_report(args.output, args.to, storage)
     if args.command == "evaluate":
-        return write_evaluation(args.output, args.to, storage, args.json, args.max_images)
+        return write_evaluation(args.output, args.to, storage, args.json, args.max_images, args.holdout)
     if args.command == "recognize":
         return recognize_images(args, storage)
     if args.command == "serve":
@@ -223,12 +227,13 @@ def write_report(output: str, folder: str | None, storage: dict) -> int:
     return 0
 
 
-def write_evaluation(output: str, folder: str | None, storage: dict, as_json: bool, max_images: str | None = None) -> int:
+def write_evaluation(output: str, folder: str | None, storage: dict, as_json: bool, max_images: str | None = None,
+                     holdout: str | None = None) -> int:
     """`pipeline evaluate`: score a classifier on a finished run's features; print the summary and the files written."""
     from . import evaluate  # scikit-learn and matplotlib are imported only to evaluate
 
     try:
-        scores = evaluate.evaluate(evaluate.load(output, storage, max_images))
+        scores = evaluate.evaluate(evaluate.load(output, storage, max_images), holdout)
         written = evaluate.write(scores, folder, storage)
     except config.UsageError as error:
         fail(str(error))

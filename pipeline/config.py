@@ -128,6 +128,14 @@ def evaluate_max_images(value: Any = None) -> int | None:
     return None if number is None else positive_int("evaluate.max-images", number)
 
 
+def evaluate_holdout(value: Any = None) -> str:
+    """`evaluate.holdout` of pipeline.yaml, or `value` when given: how `evaluate` holds out images without a Test split."""
+    holdout = dask.config.get("pipeline.evaluate.holdout", override_with=value)
+    if holdout not in ("random", "series"):
+        raise UsageError(f"`evaluate.holdout` must be random or series, got {holdout!r}")
+    return holdout
+
+
 def positive_int(name: str, value: Any, allow_zero: bool = False, also: str = "") -> int:
     """`value` as an int, or a UsageError naming the setting (and `also`, what else it may be)."""
     try:

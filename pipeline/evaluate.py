@@ -4,7 +4,9 @@
 splits and the PCA coordinates (the features too when k goes beyond the components kept, projected
 here with pca.npz). It trains scikit-learn's LogisticRegression on the Training split and scores it
 on the Test split, or on a seeded stratified hold-out when the output has no Test split, for the
-k kept and a few smaller k. It writes evaluation.json, two pictures and evaluation.html (the same
+k kept and a few smaller k. A random hold-out tests on near-copies of training images where they come
+in series (Fruits-360's frames of a fruit turning), and says so; `holdout: series` tests instead on
+one series of frames (file names r_*) and trains on the other, where the file names allow it. It writes evaluation.json, two pictures and evaluation.html (the same
 pictures embedded) to OUTPUT/evaluation/.
 
 An output of more images than `evaluate.max-images` is evaluated on a seeded sample of that many,
@@ -20,10 +22,12 @@ from __future__ import annotations
 import dataclasses
 import html
 import json
+import re
 import time
 import warnings
 
 import numpy as np
+import pyarrow.compute as pc
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 from sklearn.exceptions import ConvergenceWarning
@@ -43,6 +47,8 @@ PICTURES = {  # file name → title, in page order
 K_VALUES = (2, 5, 10, 20, 50)  # tried besides the k kept, up to the components pca.npz holds
 TEST_FRACTION = 0.25  # of the images held out for testing when the output has no Test split
 SEED = 0  # of that hold-out
+HOLDOUTS = ("random", "series")  # without a Test split: a seeded share of each label, or Fruits-360's second series
+SERIES = r"(^|/)r\d*_[^/]*$"  # Fruits-360's second series of frames of each fruit: r_12_100.jpg beside 12_100.jpg
 MAX_ITER = 1000  # of the classifier's solver (lbfgs); it converged in under 60 on the 2,134 apples
 MAX_CELL_COUNTS = 30  # labels up to which the confusion matrix writes its counts in the cells
 SAMPLE_METHOD = (f"each part of {sink.IMAGES} gives a share proportional to its rows, drawn with seed "
@@ -57,6 +63,7 @@ class Images:
     manifest: dict
     labels: np.ndarray  # one per image
     splits: np.ndarray  # "Training", "Test" or None, one per image
+    series: np.ndarray  # True for the images of Fruits-360's second series (file names r_*), one per image
     vectors: np.ndarray  # n × max(k_values): PCA coordinates, the first `kept` as stored in the output
     kept: int  # components kept by the run
     k_values: list[int]  # increasing, the kept one among them
@@ -90,19 +97,20 @@ def load(output: str, storage_options: dict | None = None, max_images: int | Non
     pca = reduce.Pca.load(fs, f"{root}/{sink.PCA}")
     kept = pca.n_components
     k_values = sorted({k for k in K_VALUES if k <= len(pca.components)} | {kept})
-    columns = ["label", "split", "features" if k_values[-1] > kept else "pca"]
+    columns = ["path", "label", "split", "features" if k_values[-1] > kept else "pca"]
     max_images = config.evaluate_max_images(max_images)
     sample = report.Sample.of(fs, sorted(fs.glob(f"{root}/{sink.IMAGES}/*.parquet")), max_images)
     if not sample.size:
         raise UsageError(f"{url} holds no images to evaluate: every image of its run failed (see {sink.ERRORS})")
-    labels, splits, vectors, at = [], [], np.empty((sample.size, k_values[-1]), np.float32), 0
+    labels, splits, series, vectors, at = [], [], [], np.empty((sample.size, k_values[-1]), np.float32), 0
     for table in sample.tables(fs, columns):
         labels.append(table["label"].to_numpy(zero_copy_only=False))
         splits.append(table["split"].to_numpy(zero_copy_only=False))
+        series.append(pc.match_substring_regex(table["path"], SERIES).to_numpy(zero_copy_only=False).astype(bool))
         vectors[at : at + table.num_rows] = coordinates(table, pca, kept, k_values[-1])
         at += table.num_rows
-    return Images(url, manifest, np.concatenate(labels), np.concatenate(splits), vectors, kept, k_values,
-                  sample.n_images, max_images)
+    return Images(url, manifest, np.concatenate(labels), np.concatenate(splits), np.concatenate(series), vectors, kept,
+                  k_values, sample.n_images, max_images)
 
 
 def coordinates(table, pca: reduce.Pca, kept: int, k: int) -> np.ndarray:
@@ -113,11 +121,14 @@ def coordinates(table, pca: reduce.Pca, kept: int, k: int) -> np.ndarray:
     return (features - pca.mean.astype(np.float32)) @ pca.components[:k].astype(np.float32).T  # as the run projects
 
 
-def split(labels: np.ndarray, splits: np.ndarray, fraction: float = TEST_FRACTION, seed: int = SEED) -> Split:
-    """Training vs Test when the output has both; else a stratified hold-out, leaving out labels of one image."""
+def split(labels: np.ndarray, splits: np.ndarray, fraction: float = TEST_FRACTION, seed: int = SEED,
+          series: np.ndarray | None = None, holdout: str = "random") -> Split:
+    """Training vs Test when the output has both; else a hold-out: a seeded share of each label (`random`, leaving
+    out labels of one image), or Fruits-360's second series of frames (`series`)."""
+    series = np.zeros(len(labels), bool) if series is None else series
     training, test = np.flatnonzero(splits == "Training"), np.flatnonzero(splits == "Test")
     if len(training) and len(test):
-        notes = []
+        notes = ["holdout series not used: the output's Training and Test splits are scored as they are"] if holdout == "series" else []
         unsplit = len(labels) - len(training) - len(test)
         if unsplit:
             notes.append(f"left out the images in neither Training nor Test: {unsplit:,}")
@@ -126,6 +137,8 @@ def split(labels: np.ndarray, splits: np.ndarray, fraction: float = TEST_FRACTIO
             notes.append(f"labels in Test only, so never predicted: {listed(unseen)}")
         at_least_two_labels(labels[training], "the Training split")
         return Split(training, test, "the output's Training and Test splits", notes)
+    if holdout == "series":
+        return series_split(labels, series)
     names, counts = np.unique(labels, return_counts=True)
     alone = names[counts < 2]
     at_least_two_labels(labels, "the output")
@@ -138,8 +151,32 @@ def split(labels: np.ndarray, splits: np.ndarray, fraction: float = TEST_FRACTIO
         test.extend(mine[: min(max(int(fraction * len(mine) + 0.5), 1), len(mine) - 1)])
     test = np.sort(np.array(test, dtype=int))
     train = np.setdiff1d(np.flatnonzero(~np.isin(labels, alone)), test)
-    method = f"a hold-out of {fraction:.0%} of each label's images (seed {seed}), as the output has no Test split"
-    return Split(train, test, method, notes)
+    method = f"a random hold-out of {fraction:.0%} of each label's images (seed {seed}), as the output has no Test split"
+    return Split(train, test, method, notes + [random_holdout_note(labels, series)])
+
+
+def random_holdout_note(labels: np.ndarray, series: np.ndarray) -> str:
+    """What a random hold-out measures, and the fairer split these images allow."""
+    both = len(set(labels[series]) & set(labels[~series]))
+    fairer = (f"these file names hold Fruits-360's two series of frames in {both} labels: `--holdout series` tests on one "
+              "and trains on the other" if both >= 2 else
+              "for a fair figure, give the output a Test split (a Test/ folder beside Training/)")
+    return ("the hold-out is random: where images come in series (frames of one fruit turning, as in Fruits-360), it tests "
+            f"on near-copies of training images and flatters the features; {fairer}")
+
+
+def series_split(labels: np.ndarray, series: np.ndarray) -> Split:
+    """Train on the images not named r_*, test on Fruits-360's second series (r_*), of the labels that have both."""
+    both = np.array(sorted(set(labels[series]) & set(labels[~series])), dtype=object)
+    if len(both) < 2:
+        raise UsageError(f"--holdout series needs 2 labels with images of both Fruits-360 series (file names r_12_100.jpg "
+                         f"and 12_100.jpg); this output has {len(both)}: use --holdout random, or give it a Test/ folder")
+    kept = np.isin(labels, both)
+    one = sorted(set(labels) - set(both))
+    notes = [f"left out the labels with images of one series only: {listed(one)}"] if one else []
+    method = ("Fruits-360's series: trained on the images not named r_*, tested on the r_* ones (another series of "
+              "frames of the same fruits)")
+    return Split(np.flatnonzero(kept & ~series), np.flatnonzero(kept & series), method, notes)
 
 
 def at_least_two_labels(labels: np.ndarray, where: str) -> None:
@@ -156,10 +193,10 @@ def listed(names, limit: int = 10) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def evaluate(images: Images) -> dict:
+def evaluate(images: Images, holdout: str | None = None) -> dict:
     """Train and score the classifier for each k; every figure of the evaluation, as plain data."""
     started = time.perf_counter()
-    rows = split(images.labels, images.splits)
+    rows = split(images.labels, images.splits, series=images.series, holdout=config.evaluate_holdout(holdout))
     y_train, y_test = images.labels[rows.train], images.labels[rows.test]
     notes = ([sample_note(images)] if images.sampled else []) + rows.notes
     by_k, predicted = [], None

@@ -34,16 +34,16 @@ def sample_run(dask_cluster, tmp_path_factory):
     return run_pipeline(SAMPLE_DIR, tmp_path_factory.mktemp("run") / "out", dask_cluster)
 
 
-def fake_output(folder, labels, splits, features, kept, parts=1):
+def fake_output(folder, labels, splits, features, kept, parts=1, names=None):
     """A finished output written by hand in the documented format (pca.npz holds every fitted component),
-    its rows in `parts` parts of about equal size, in order."""
+    its rows in `parts` parts of about equal size, in order; `names`: the images' file names (default i.jpg)."""
     mean = features.mean(axis=0)
     _, singular, axes = np.linalg.svd(features - mean, full_matrices=False)
     variance = singular**2 / (len(features) - 1)
     pca = reduce.Pca(components=axes, singular_values=singular, explained_variance=variance,
                      explained_variance_ratio=variance / variance.sum(), mean=mean, var=features.var(axis=0),
                      n_samples=len(features), n_components=kept)
-    paths = [f"{label}/{i}.jpg" for i, label in enumerate(labels)]
+    paths = [f"{label}/{name}" for label, name in zip(labels, names or [f"{i}.jpg" for i in range(len(labels))])]
     rows = pd.DataFrame({"path": paths, "label": labels, "split": splits, "identity": ["100@0"] * len(paths)})
     table = sink.rows_table(rows, features=features.astype(np.float32), pca=(features - mean) @ axes[:kept].T)
     fs = fsspec.filesystem("file")
@@ -83,7 +83,10 @@ def test_random_weights_separate_the_sample_apples_well_above_chance(sample_run,
     assert scores["labels"] == 13 and scores["chance"]["uniform"] == pytest.approx(1 / 13)
     assert scores["accuracy"] > 3 * scores["chance"]["uniform"]  # measured: 0.66 against 0.077
     assert scores["accuracy"] > 3 * scores["chance"]["majority"]
-    assert scores["split"] == {"method": "a hold-out of 25% of each label's images (seed 0), as the output has no Test split", "train": 91, "test": 38}
+    assert scores["split"] == {"method": "a random hold-out of 25% of each label's images (seed 0), as the output has no Test "
+                                         "split", "train": 91, "test": 38}
+    assert scores["notes"][-1].startswith("the hold-out is random: where images come in series")  # and the sample's
+    assert "Fruits-360's two series of frames in 13 labels: `--holdout series`" in scores["notes"][-1]  # names have both
     assert scores["weights"] == {"requested": "random", "used": "random", "warning": None, "seed": 0}
 
     lines = result.stdout.splitlines()
@@ -239,9 +242,70 @@ def test_labels_of_a_single_image_are_left_out_of_a_hold_out_with_a_note():
     labels = np.array(["Apple"] * 8 + ["Pear"] * 2 + ["Plum"])
     rows = evaluate.split(labels, np.array([None] * 11))
     assert sorted(labels[rows.test]) == ["Apple", "Apple", "Pear"] and sorted(labels[rows.train]) == ["Apple"] * 6 + ["Pear"]
-    assert rows.notes == ["left out the labels with a single image (a hold-out needs one to train on and one to test): Plum"]
+    assert rows.notes[0] == "left out the labels with a single image (a hold-out needs one to train on and one to test): Plum"
+    assert rows.notes[1] == ("the hold-out is random: where images come in series (frames of one fruit turning, as in "
+                             "Fruits-360), it tests on near-copies of training images and flatters the features; for a fair "
+                             "figure, give the output a Test split (a Test/ folder beside Training/)")  # no r_* names here
     again = evaluate.split(labels, np.array([None] * 11))
     assert rows.train.tolist() == again.train.tolist() and rows.test.tolist() == again.test.tolist()  # seeded
+
+
+def fruits_in_two_series(per_series):
+    """3 fruits whose images are named as Fruits-360's two series of frames (12_100.jpg, r_12_100.jpg), and a Quince in one."""
+    labels, features = three_fruits(2 * per_series)
+    names = [f"{'r_' if i % 2 else ''}{i // 2}_100.jpg" for i in range(len(labels))]
+    labels = np.concatenate([labels, ["Quince"] * 3])
+    features = np.concatenate([features, features[:3] * -1])
+    return labels, features, names + [f"{i}_100.jpg" for i in range(3)]
+
+
+def test_a_random_hold_out_says_so_and_offers_the_series_where_the_file_names_have_them(tmp_path):
+    labels, features, names = fruits_in_two_series(10)
+    output = fake_output(tmp_path / "out", labels, [None] * len(labels), features, kept=4, names=names)
+
+    result = pipeline_evaluate(str(output), "--to", str(tmp_path / "random"))
+    assert result.returncode == 0, result.stderr
+    assert "split      47 train / 16 test, a random hold-out of 25% of each label's images (seed 0), as the output has " \
+           "no Test split" in result.stdout
+    note = ("note       the hold-out is random: where images come in series (frames of one fruit turning, as in "
+            "Fruits-360), it tests on near-copies of training images and flatters the features; these file names hold "
+            "Fruits-360's two series of frames in 3 labels: `--holdout series` tests on one and trains on the other")
+    assert note in result.stdout.splitlines()
+    page = (tmp_path / "random" / "evaluation.html").read_text()
+    assert "a random hold-out of 25%" in page and "`--holdout series` tests on one and trains on the other" in page
+
+
+def test_the_series_hold_out_trains_on_one_series_and_tests_on_the_other(tmp_path):
+    labels, features, names = fruits_in_two_series(10)
+    output = fake_output(tmp_path / "out", labels, [None] * len(labels), features, kept=4, names=names)
+    images = evaluate.load(str(output))
+    assert images.series.tolist() == [name.startswith("r_") for name in names]
+
+    rows = evaluate.split(images.labels, images.splits, series=images.series, holdout="series")
+    assert all(not names[i].startswith("r_") for i in rows.train) and all(names[i].startswith("r_") for i in rows.test)
+    assert (len(rows.train), len(rows.test)) == (30, 30) and "Quince" not in images.labels[np.r_[rows.train, rows.test]]
+    assert rows.notes == ["left out the labels with images of one series only: Quince"]
+    result = pipeline_evaluate(str(output), "--holdout", "series", "--to", str(tmp_path / "series"))
+    assert result.returncode == 0, result.stderr
+    assert ("split      30 train / 30 test, Fruits-360's series: trained on the images not named r_*, tested on the r_* "
+            "ones (another series of frames of the same fruits)") in result.stdout
+    assert "the hold-out is random" not in result.stdout
+
+
+def test_a_series_hold_out_without_series_is_a_one_line_usage_error_and_a_test_split_goes_first(tmp_path):
+    labels, features = three_fruits(10)
+    output = fake_output(tmp_path / "out", labels, [None] * 30, features, kept=4)
+    result = pipeline_evaluate(str(output), "--holdout", "series")
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "error: --holdout series needs 2 labels with images of both Fruits-360 series (file names r_12_100.jpg and "
+        "12_100.jpg); this output has 0: use --holdout random, or give it a Test/ folder")
+    assert not (output / "evaluation").exists()
+    rows = evaluate.split(labels, np.tile(["Training"] * 7 + ["Test"] * 3, 3), holdout="series")
+    assert len(rows.test) == 9 and rows.notes == [
+        "holdout series not used: the output's Training and Test splits are scored as they are"]
+    with dask.config.set({"pipeline.evaluate.holdout": "frames"}):
+        with pytest.raises(evaluate.UsageError, match="`evaluate.holdout` must be random or series, got 'frames'"):
+            evaluate.evaluate(evaluate.load(str(output)))
 
 
 def test_training_and_test_splits_say_what_they_leave_out():
