@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import urllib.parse
+import warnings
 from typing import Callable, Iterator
 
 from distributed import Client, LocalCluster
@@ -30,6 +32,7 @@ FEATURIZE_GPU_SHARE = 0.5
 # featurizing at 224 px on CPU peaked at 1.7-1.9 GiB (docs/performance.md), plus room beside it.
 MEMORY_PER_PROCESS = 3 * 2**30
 SCHEDULER_PROBE_S = 5  # how long a scheduler address may take to accept a connection before a run refuses it
+log = logging.getLogger("pipeline")
 
 
 @contextlib.contextmanager
@@ -52,15 +55,32 @@ def connect(address: str, local: dict, say: Callable[[str], None] = lambda messa
             yield client
         return
     n_workers, threads = local_size(spec.n_workers, spec.threads_per_worker)
-    with LocalCluster(
-        n_workers=n_workers, threads_per_worker=threads, processes=True, dashboard_address=spec.dashboard_address,
-        resources={"GPU": 1} if local_gpus() else None,  # worker i drives GPU i (featurize.import_keras)
-    ) as cluster, Client(cluster) as client:
+    with port_taken_in_one_line():
+        cluster = LocalCluster(
+            n_workers=n_workers, threads_per_worker=threads, processes=True, dashboard_address=spec.dashboard_address,
+            resources={"GPU": 1} if local_gpus() else None,  # worker i drives GPU i (featurize.import_keras)
+        )
+    with cluster, Client(cluster) as client:
         try:
             yield client
         except KeyboardInterrupt:
             stop_at_once(cluster)
             raise
+
+
+@contextlib.contextmanager
+def port_taken_in_one_line() -> Iterator[None]:
+    """Say in one line, as the pipeline's other warnings, that the dashboard's port was taken and which it took instead
+    (distributed warns in four, with its source path); other warnings pass as they came."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for warning in caught:
+        taken = re.match(r"Port (\d+) is already in use.*port (\d+) instead", str(warning.message), re.S)
+        if taken:
+            log.warning(f"the dashboard's port {taken[1]} is taken (another Dask cluster?): it listens on port {taken[2]}")
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno, source=warning.source)
 
 
 def stop_at_once(cluster: LocalCluster) -> None:

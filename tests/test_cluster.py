@@ -2,6 +2,7 @@
 import os
 import pathlib
 import re
+import socket
 import subprocess
 import sys
 
@@ -57,6 +58,20 @@ def test_an_unreachable_scheduler_is_a_usage_error_that_names_it():
         with pytest.raises(UsageError, match="cannot reach the Dask scheduler at tcp://127.0.0.1:9"):
             with cluster.connect("tcp://127.0.0.1:9", {}):
                 pass
+
+
+def test_a_taken_dashboard_port_is_said_in_one_line_naming_the_port_taken_instead(caplog, recwarn):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        local = {"n-workers": 1, "threads-per-worker": 1, "dashboard-address": f"127.0.0.1:{port}"}
+        with caplog.at_level("WARNING", logger="pipeline"), cluster.connect("local", local) as client:
+            instead = int(re.search(r":(\d+)/status", client.dashboard_link)[1])
+    assert instead != port
+    assert [record.getMessage() for record in caplog.records if record.name == "pipeline"] == [
+        f"the dashboard's port {port} is taken (another Dask cluster?): it listens on port {instead}"]
+    assert not [w for w in recwarn if "already in use" in str(w.message)]  # not distributed's four lines
 
 
 # --- cluster files ---------------------------------------------------------------------------------
