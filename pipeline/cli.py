@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import sys
+from datetime import datetime, timezone
 
 import dask.config
 
@@ -63,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="List the input again and compare it with --output by path and identity (ETag, or size and mtime). "
         "New and replaced images are featurized, deleted ones dropped, the PCA goes on fitting with the new features "
         "only (partial_fit), and every row is projected again with it. The model, weights and PCA settings are the "
-        "output's own (see its manifest.json); its history lists every update. Run it again to finish an interrupted update.",
+        "output's own (see its manifest.json); its history lists every update. It removes the output's report/ and "
+        "evaluation/, which described the old rows. Run it again to finish an interrupted update.",
     )
     where(incremental, input_help="fsspec URL or folder of images, a newer inventory's manifest.json or a listing file (default: the input the output was made from)")
     clusters = commands.add_parser("cluster", help="cluster files: plan what one would start, clean up what a killed run left")
@@ -190,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         return serve_output(args, storage)
     quiet = args.quiet or args.json
     say = (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr, flush=True))
+    started = datetime.now(timezone.utc).isoformat()  # an update that changed nothing returns an older manifest
     common = dict(output=args.output, input_prefix=args.prefix, cluster=args.cluster, report=args.report, gpu=args.gpu, backend=args.backend,
                   storage_options=storage)
     try:
@@ -211,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(manifest, indent=2, ensure_ascii=False, default=str))
     elif not args.quiet:
-        print(summary(manifest))
+        print(summary(manifest) if manifest["finished"] >= started else
+              f"up to date     nothing new, replaced or removed under {manifest['input']}: nothing written\n"
+              f"output         {manifest['output']}")
     return 0
 
 

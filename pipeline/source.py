@@ -74,14 +74,21 @@ def list_images(url: str, storage_options: dict, extensions: tuple[str, ...]) ->
     root_split = SPLITS.get(posixpath.basename(root).lower())  # --input …/Training: its images are Training's
     chunks, skipped = [], 0
     try:
-        for folder, images, others in (images_in_order(fs, root, extensions) if fs.isdir(root) else ()):
+        folder = fs.isdir(root)
+        for folder_path, images, others in (images_in_order(fs, root, extensions) if folder else ()):
             skipped += others
             if len(images):
-                chunks.append(folder_rows(folder, images, root_split))
+                chunks.append(folder_rows(folder_path, images, root_split))
+        missing = not folder and not fs.exists(root)
     except Exception as error:  # each storage backend fails its own way (no credentials, no endpoint...)
         raise UsageError(f"cannot list input {url}: {type(error).__name__}: {error}") from None
+    if missing:
+        raise UsageError(f"input {url} does not exist: give a folder or prefix of images")
+    if not folder:
+        raise UsageError(f"input {url} is a file, not a folder (nor an inventory or listing file): "
+                         "give the folder or prefix of images it is in")
     if not chunks and not skipped:
-        raise UsageError(f"input {url} does not exist or holds no files: give a folder or prefix of images")
+        raise UsageError(f"input {url} is an empty folder: put images in it (a folder per label), or give another --input")
     if not chunks:
         raise UsageError(f"no images under {url}: {skipped} files, none ending in .{', .'.join(extensions)}")
     rows = pa.concat_tables(chunks).to_pandas(types_mapper=pd.ArrowDtype)

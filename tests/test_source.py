@@ -42,9 +42,21 @@ def test_extensions_are_case_insensitive_and_other_files_are_counted(tmp_path):
     assert listing.skipped == 3
 
 
-def test_a_missing_input_is_a_usage_error(tmp_path):
-    with pytest.raises(UsageError, match="does not exist"):
+def test_a_missing_input_a_file_and_an_empty_folder_are_usage_errors_each_saying_which(tmp_path):
+    with pytest.raises(UsageError, match=f"^input {tmp_path}/nowhere does not exist: give a folder or prefix of images$"):
         list_images(str(tmp_path / "nowhere"), {}, EXTENSIONS)
+    make_files(tmp_path, ["photo.jpg"])
+    with pytest.raises(UsageError, match=r"photo.jpg is a file, not a folder \(nor an inventory or listing file\): give the"):
+        list_images(str(tmp_path / "photo.jpg"), {}, EXTENSIONS)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="empty is an empty folder: put images in it"):
+        list_images(str(tmp_path / "empty"), {}, EXTENSIONS)
+
+
+def test_images_directly_under_the_input_have_an_empty_label(tmp_path):
+    make_files(tmp_path, ["a.jpg", "Apple/b.jpg"])
+    rows = list_images(str(tmp_path), {}, EXTENSIONS).rows
+    assert rows[["path", "label"]].values.tolist() == [["Apple/b.jpg", "Apple"], ["a.jpg", ""]]  # as the README says
 
 
 def test_a_prefix_without_images_is_a_usage_error(tmp_path):

@@ -19,7 +19,7 @@ from PIL import Image
 from scipy.linalg import subspace_angles
 
 import pipeline
-from pipeline import featurize, incremental
+from pipeline import cli, featurize, incremental
 from pipeline.config import SAMPLE_DIR, UsageError
 
 LABELS = sorted(p.name for p in (SAMPLE_DIR / "Training").iterdir())
@@ -170,7 +170,7 @@ def test_a_bucket_grown_in_three_steps_and_updated_after_each_equals_one_full_ru
 
 
 @pytest.mark.slow
-def test_a_replaced_object_is_redone_a_deleted_one_removed_and_nothing_else_touched(s3, s3_endpoint, dask_cluster):
+def test_a_replaced_object_is_redone_a_deleted_one_removed_and_nothing_else_touched(s3, s3_endpoint, dask_cluster, capsys):
     put_labels(s3, LABELS[:3])
     output = "s3://fruits/out"
     pipeline.run(settings(output, dask_cluster, s3_endpoint), **QUIET)
@@ -192,8 +192,11 @@ def test_a_replaced_object_is_redone_a_deleted_one_removed_and_nothing_else_touc
     untouched = [path for path in after.path if path != replaced]
     np.testing.assert_array_equal(np.stack(new.features[untouched]), np.stack(old.features[untouched]))
 
-    again = pipeline.update(settings(output, dask_cluster, s3_endpoint), **QUIET)
+    assert cli.main(["update", "--output", output, "--cluster", dask_cluster, "--endpoint-url", s3_endpoint]) == 0
+    again = json.loads(s3.cat("fruits/out/manifest.json"))
     assert again["history"] == manifest["history"] and not s3.exists("fruits/out/_staging")  # up to date: nothing written
+    assert capsys.readouterr().out.splitlines() == [  # not the last update's summary again
+        "up to date     nothing new, replaced or removed under s3://fruits/growing: nothing written", f"output         {output}"]
 
 
 @pytest.mark.slow
