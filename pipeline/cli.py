@@ -102,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-images", metavar="N", help="evaluate a seeded sample of N images when the output has more "
                           f"(default {default('evaluate.max-images')}; null in pipeline.yaml: every image)")
     evaluate.add_argument("--holdout", choices=["random", "series"], help="without a Test split, the images tested: a seeded 25%% "
-                          "of each label (random: flatters where images come in series), or Fruits-360's second series, "
-                          f"file names r_* (series) (default {default('evaluate.holdout')})")
+                          "of each label (random: flatters where images come in series), or Fruits-360's later series "
+                          f"of frames, file names r_*, r2_* (series) (default {default('evaluate.holdout')})")
     evaluate.add_argument("--json", action="store_true", help="print evaluation.json on stdout instead of the summary")
     recognize = commands.add_parser(
         "recognize",

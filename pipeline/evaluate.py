@@ -5,8 +5,9 @@ splits and the PCA coordinates (the features too when k goes beyond the componen
 here with pca.npz). It trains scikit-learn's LogisticRegression on the Training split and scores it
 on the Test split, or on a seeded stratified hold-out when the output has no Test split, for the
 k kept and a few smaller k. A random hold-out tests on near-copies of training images where they come
-in series (Fruits-360's frames of a fruit turning), and says so; `holdout: series` tests instead on
-one series of frames (file names r_*) and trains on the other, where the file names allow it. It writes evaluation.json, two pictures and evaluation.html (the same
+in series (Fruits-360's frames of a fruit turning), and says so; `holdout: series` trains instead on
+Fruits-360's first series of frames (12_100.jpg) and tests on its others (r_12_100.jpg, r2_12_100.jpg),
+where the file names allow it. It writes evaluation.json, two pictures and evaluation.html (the same
 pictures embedded) to OUTPUT/evaluation/.
 
 An output of more images than `evaluate.max-images` is evaluated on a seeded sample of that many,
@@ -48,7 +49,7 @@ K_VALUES = (2, 5, 10, 20, 50)  # tried besides the k kept, up to the components 
 TEST_FRACTION = 0.25  # of the images held out for testing when the output has no Test split
 SEED = 0  # of that hold-out
 HOLDOUTS = ("random", "series")  # without a Test split: a seeded share of each label, or Fruits-360's second series
-SERIES = r"(^|/)r\d*_[^/]*$"  # Fruits-360's second series of frames of each fruit: r_12_100.jpg beside 12_100.jpg
+SERIES = r"(^|/)r\d*_[^/]*$"  # Fruits-360's later series of frames of a fruit: r_12_100.jpg, r2_12_100.jpg beside 12_100.jpg
 MAX_ITER = 1000  # of the classifier's solver (lbfgs); it converged in under 60 on the 2,134 apples
 MAX_CELL_COUNTS = 30  # labels up to which the confusion matrix writes its counts in the cells
 SAMPLE_METHOD = (f"each part of {sink.IMAGES} gives a share proportional to its rows, drawn with seed "
@@ -63,7 +64,7 @@ class Images:
     manifest: dict
     labels: np.ndarray  # one per image
     splits: np.ndarray  # "Training", "Test" or None, one per image
-    series: np.ndarray  # True for the images of Fruits-360's second series (file names r_*), one per image
+    series: np.ndarray  # True for the images of Fruits-360's later series (file names r_*, r2_*...), one per image
     vectors: np.ndarray  # n × max(k_values): PCA coordinates, the first `kept` as stored in the output
     kept: int  # components kept by the run
     k_values: list[int]  # increasing, the kept one among them
@@ -158,15 +159,15 @@ def split(labels: np.ndarray, splits: np.ndarray, fraction: float = TEST_FRACTIO
 def random_holdout_note(labels: np.ndarray, series: np.ndarray) -> str:
     """What a random hold-out measures, and the fairer split these images allow."""
     both = len(set(labels[series]) & set(labels[~series]))
-    fairer = (f"these file names hold Fruits-360's two series of frames in {both} labels: `--holdout series` tests on one "
-              "and trains on the other" if both >= 2 else
+    fairer = (f"these file names hold Fruits-360's series of frames in {both} labels: `--holdout series` trains on the "
+              "first and tests on the others" if both >= 2 else
               "for a fair figure, give the output a Test split (a Test/ folder beside Training/)")
     return ("the hold-out is random: where images come in series (frames of one fruit turning, as in Fruits-360), it tests "
             f"on near-copies of training images and flatters the features; {fairer}")
 
 
 def series_split(labels: np.ndarray, series: np.ndarray) -> Split:
-    """Train on the images not named r_*, test on Fruits-360's second series (r_*), of the labels that have both."""
+    """Train on Fruits-360's first series of frames, test on its others (r_*, r2_*), of the labels that have both."""
     both = np.array(sorted(set(labels[series]) & set(labels[~series])), dtype=object)
     if len(both) < 2:
         raise UsageError(f"--holdout series needs 2 labels with images of both Fruits-360 series (file names r_12_100.jpg "
@@ -174,8 +175,8 @@ def series_split(labels: np.ndarray, series: np.ndarray) -> Split:
     kept = np.isin(labels, both)
     one = sorted(set(labels) - set(both))
     notes = [f"left out the labels with images of one series only: {listed(one)}"] if one else []
-    method = ("Fruits-360's series: trained on the images not named r_*, tested on the r_* ones (another series of "
-              "frames of the same fruits)")
+    method = ("Fruits-360's series: trained on the first series of frames (12_100.jpg), tested on the others "
+              "(r_12_100.jpg, r2_12_100.jpg: other turns of the same fruits)")
     return Split(np.flatnonzero(kept & ~series), np.flatnonzero(kept & series), method, notes)
 
 

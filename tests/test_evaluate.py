@@ -86,7 +86,7 @@ def test_random_weights_separate_the_sample_apples_well_above_chance(sample_run,
     assert scores["split"] == {"method": "a random hold-out of 25% of each label's images (seed 0), as the output has no Test "
                                          "split", "train": 91, "test": 38}
     assert scores["notes"][-1].startswith("the hold-out is random: where images come in series")  # and the sample's
-    assert "Fruits-360's two series of frames in 13 labels: `--holdout series`" in scores["notes"][-1]  # names have both
+    assert "Fruits-360's series of frames in 13 labels: `--holdout series`" in scores["notes"][-1]  # names have both
     assert scores["weights"] == {"requested": "random", "used": "random", "warning": None, "seed": 0}
 
     lines = result.stdout.splitlines()
@@ -251,7 +251,7 @@ def test_labels_of_a_single_image_are_left_out_of_a_hold_out_with_a_note():
 
 
 def fruits_in_two_series(per_series):
-    """3 fruits whose images are named as Fruits-360's two series of frames (12_100.jpg, r_12_100.jpg), and a Quince in one."""
+    """3 fruits whose images are named as two of Fruits-360's series of frames (12_100.jpg, r_12_100.jpg), and a Quince in one."""
     labels, features = three_fruits(2 * per_series)
     names = [f"{'r_' if i % 2 else ''}{i // 2}_100.jpg" for i in range(len(labels))]
     labels = np.concatenate([labels, ["Quince"] * 3])
@@ -269,10 +269,10 @@ def test_a_random_hold_out_says_so_and_offers_the_series_where_the_file_names_ha
            "no Test split" in result.stdout
     note = ("note       the hold-out is random: where images come in series (frames of one fruit turning, as in "
             "Fruits-360), it tests on near-copies of training images and flatters the features; these file names hold "
-            "Fruits-360's two series of frames in 3 labels: `--holdout series` tests on one and trains on the other")
+            "Fruits-360's series of frames in 3 labels: `--holdout series` trains on the first and tests on the others")
     assert note in result.stdout.splitlines()
     page = (tmp_path / "random" / "evaluation.html").read_text()
-    assert "a random hold-out of 25%" in page and "`--holdout series` tests on one and trains on the other" in page
+    assert "a random hold-out of 25%" in page and "`--holdout series` trains on the first and tests on the others" in page
 
 
 def test_the_series_hold_out_trains_on_one_series_and_tests_on_the_other(tmp_path):
@@ -287,8 +287,8 @@ def test_the_series_hold_out_trains_on_one_series_and_tests_on_the_other(tmp_pat
     assert rows.notes == ["left out the labels with images of one series only: Quince"]
     result = pipeline_evaluate(str(output), "--holdout", "series", "--to", str(tmp_path / "series"))
     assert result.returncode == 0, result.stderr
-    assert ("split      30 train / 30 test, Fruits-360's series: trained on the images not named r_*, tested on the r_* "
-            "ones (another series of frames of the same fruits)") in result.stdout
+    assert ("split      30 train / 30 test, Fruits-360's series: trained on the first series of frames (12_100.jpg), "
+            "tested on the others (r_12_100.jpg, r2_12_100.jpg: other turns of the same fruits)") in result.stdout
     assert "the hold-out is random" not in result.stdout
 
 
