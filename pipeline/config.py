@@ -25,6 +25,7 @@ class Settings:
 
     input: str
     input_prefix: str | None
+    list_on: str
     output: str
     storage_options: dict
     cluster: str
@@ -78,6 +79,9 @@ def settings(**overrides: Any) -> Settings:
     # DASK_PIPELINE__LOCAL_CLUSTER__N_WORKERS arrives as `n_workers`: one spelling, the YAML's
     values["local_cluster"] = {k.replace("_", "-"): v for k, v in (values["local_cluster"] or {}).items()}
     values["gpu"] = parse_gpu(values["gpu"])
+    values["list_on"] = str(values["list_on"]).strip().lower()
+    if values["list_on"] not in ("auto", "client", "workers"):
+        raise UsageError(f"`list-on` must be auto, client or workers, got {values['list_on']!r}")
     return Settings(**values)
 
 

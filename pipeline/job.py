@@ -71,7 +71,8 @@ def run(
     if not cluster.on_this_machine(s.cluster) and (source.is_local(listing.fs) or source.is_local(out.fs)):
         log.warning("input or output is a local path and the cluster is not local: its workers must see that path too")
     if isinstance(listing, listings.Spread):
-        say(f"{listing.kind} {s.input}: {len(listing.files)} data files, listed by the workers")
+        units = "folders or key ranges" if listing.kind == "prefix" else "data files"
+        say(f"{listing.kind} {s.input}: {len(listing.files)} {units}, listed by the workers")
     else:
         say(f"{len(listing.rows)} images under {s.input}; non-image files skipped: {listing.skipped}")
     s = dataclasses.replace(s, images_per_partition=config.partition_size(s.images_per_partition, listing.estimate))

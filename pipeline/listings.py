@@ -11,6 +11,7 @@ import dataclasses
 import json
 import posixpath
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import numpy as np
@@ -44,6 +45,18 @@ class DataFile:
 
 
 @dataclasses.dataclass(frozen=True)
+class KeyRange:
+    """Some of a prefix's objects, listed by one worker: a folder of it ("" its top) with everything under it, or
+    only the top's own files; on S3 also only the keys after `after` up to `upto` (a flat prefix split by StartAfter)."""
+
+    folder: str
+    recursive: bool = True
+    after: str | None = None
+    upto: str | None = None
+    bytes = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class Partitions:
     """What the workers listed: each partition's file, byte range and images, and the files skipped."""
 
@@ -74,7 +87,9 @@ class Spread:
     @property
     def estimate(self) -> int:
         """About how many images, from the data files' sizes, before reading them (for `images-per-partition: auto`)."""
-        return sum(f.bytes for f in self.files) // BYTES_PER_KEY[self.files[0].format] if self.files else 0
+        if not self.files or isinstance(self.files[0], KeyRange):
+            return 0  # a prefix's size is known once listed
+        return sum(f.bytes for f in self.files) // BYTES_PER_KEY[self.files[0].format]
 
     def partitions(self, client, out_fs, out: str, size: int, say=lambda message: None) -> Partitions:
         """List on the workers, `size` images a partition; data files whose paths overlap are sorted together."""
@@ -97,6 +112,8 @@ class Spread:
         return Partitions(parts, sum(group["skipped"] for group in listed))
 
 
+MIN_FOLDERS = 16  # `list-on: auto` lists a prefix on the workers from this many folders at its first level
+RANGES = 64  # key ranges of a flat prefix listed on the workers
 BYTES_PER_KEY = {"csv": 40, "parquet": 30, "orc": 30}  # compressed, measured on AWS-like inventories (benchmarks/listing.py)
 
 
@@ -121,14 +138,24 @@ def open_input(s, say=lambda message: None) -> "source.Listing | Spread":
     if s.input_prefix:
         raise UsageError(f"`input-prefix` {s.input_prefix!r} is for an inventory's manifest.json or a listing file: "
                          f"give the prefix in --input instead ({s.input.rstrip('/')}/{s.input_prefix.strip('/')})")
+    if s.list_on != "client":
+        spread = open_prefix(s.input, s.storage_options, s.extensions, MIN_FOLDERS if s.list_on == "auto" else 0)
+        if spread is not None:
+            return spread
     return source.list_images(s.input, s.storage_options, s.extensions)
 
 
 def partitions(listing: "source.Listing | Spread", client, out_fs, out: str, size: int, say=lambda message: None) -> Partitions:
     """Write the listing's partitions, `size` images each: the client's rows here, a Spread's on the workers."""
     if isinstance(listing, Spread):
+        saved = f"{out}/{sink.STAGING}/partitions.json"
+        if out_fs.exists(saved):  # an interrupted command's: its staged partitions are these
+            plan = sink.read_json(out_fs, saved)
+            return Partitions([(path, tuple(byte_range), n) for path, byte_range, n in plan["parts"]], plan["skipped"])
         sink.make_folder(out_fs, f"{out}/{sink.STAGING}/partitions")
-        return listing.partitions(client, out_fs, out, size, say)
+        listed = listing.partitions(client, out_fs, out, size, say)
+        sink.write_json(out_fs, saved, dataclasses.asdict(listed))
+        return listed
     path, n = f"{out}/{sink.PARTITIONS}", len(listing.rows)
     ranges = sink.write_partitions(out_fs, path, listing.rows, size)
     return Partitions([(path, byte_range, min(size, n - i * size)) for i, byte_range in enumerate(ranges)], listing.skipped)
@@ -266,7 +293,9 @@ def empty() -> pa.Table:
 
 
 def read_data_file(spread: Spread, data_file: DataFile) -> pa.Table:
-    """One data file as (path, identity[, label, split]) strings: an inventory's key (URL-decoded in CSV) and ETag."""
+    """One data file as (path, identity[, label, split]) strings: an inventory's key and ETag; a prefix's objects."""
+    if isinstance(data_file, KeyRange):
+        return objects(spread, data_file)
     with spread.files_fs.open(data_file.path, "rb") as f:
         if spread.kind == "inventory":
             return inventory_rows(read_table(f, data_file, set(FIELDS.values()) | set(FIELDS)), data_file)
@@ -386,3 +415,110 @@ def select(table: pa.Table, spread: Spread, encoded: bool = False) -> tuple[pa.T
         columns[name] = given if given is not None else pa.array(per_folder, pa.string()).take(indices)
     columns["identity"] = table["identity"].filter(keep)
     return pa.table(columns).cast(pa.schema([(n, pa.string()) for n in LISTING_COLUMNS])), skipped
+
+
+# --- a prefix listed by the workers ---------------------------------------------------------------------
+
+
+def open_prefix(url: str, storage_options: dict, extensions: tuple[str, ...], min_folders: int = 0) -> Spread | None:
+    """A prefix (or folder) to be listed by the workers: its first level of folders (one listing call, delimiter
+    '/'), one for each worker to list; a prefix of more than a page at its first level (a flat one) split into
+    RANGES key ranges (StartAfter). None where the client is as fast: a page of fewer than `min_folders` folders."""
+    fs, root = source.open_url(url, storage_options)
+    try:
+        if is_s3(fs):
+            bucket, key = (root.split("/", 1) + [""])[:2]
+            page = fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=f"{key}/" if key else "", Delimiter="/", MaxKeys=1000)
+            folders = [p["Prefix"][len(key) + 1 if key else 0 :].rstrip("/") for p in page.get("CommonPrefixes", [])]
+            files, flat = bool(page.get("Contents")), page.get("IsTruncated", False)
+        else:
+            entries = fs.ls(root, detail=True) if fs.isdir(root) else []
+            folders = sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "directory")
+            files, flat = any(e["type"] != "directory" for e in entries), False
+    except Exception as error:  # each storage backend fails its own way (no credentials, no endpoint...)
+        raise UsageError(f"cannot list input {url}: {type(error).__name__}: {error}") from None
+    if flat:
+        ranges = key_ranges(fs, bucket, f"{key}/" if key else "", RANGES)
+        units = tuple(KeyRange("", True, after, upto) for after, upto in ranges)
+    elif folders and len(folders) >= min_folders:
+        units = (*((KeyRange("", recursive=False),) if files else ()), *(KeyRange(folder) for folder in folders))
+    else:
+        return None
+    return Spread(fs, root, fs, units, "prefix", "", extensions, "")
+
+
+def is_s3(fs) -> bool:
+    return any(protocol in ("s3", "s3a") for protocol in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)))
+
+
+def objects(spread: Spread, unit: KeyRange) -> pa.Table:
+    """On a worker: the objects of one KeyRange as (path relative to the root, identity)."""
+    fs, root = spread.files_fs, spread.root
+    folder = f"{root}/{unit.folder}" if unit.folder else root
+    if is_s3(fs):
+        bucket, key = (folder.split("/", 1) + [""])[:2]
+        start = len(root.split("/", 1)[1]) + 1 if "/" in root else 0
+        found = [(k[start:], etag) for k, etag in s3_keys(fs, bucket, f"{key}/" if key else "", unit)]
+    elif unit.recursive:
+        found = [(path[len(root) + 1 :], source.identity(info)) for path, info in fs.find(folder, detail=True).items()]
+    else:
+        found = [(e["name"][len(root) + 1 :], source.identity(e)) for e in fs.ls(folder, detail=True) if e["type"] != "directory"]
+    paths, identities = zip(*found) if found else ((), ())
+    return pa.table({"path": pa.array(paths, pa.string()), "identity": pa.array(identities, pa.string())})
+
+
+def s3_keys(fs, bucket: str, prefix: str, unit: KeyRange) -> Iterator[tuple[str, str]]:
+    """(key, ETag) of the keys under `prefix` in the unit's range, page by page (1,000 keys a call)."""
+    ask = {"Bucket": bucket, "Prefix": prefix, **({"Delimiter": "/"} if not unit.recursive else {}),
+           **({"StartAfter": unit.after} if unit.after else {})}
+    if unit.upto is not None:
+        ask["MaxKeys"] = 100  # a range may hold a few keys: a first page of 1,000 would mostly be the next range's
+    while True:
+        page = fs.call_s3("list_objects_v2", **ask)
+        ask["MaxKeys"] = 1000
+        for item in page.get("Contents", []):
+            if unit.upto is not None and item["Key"] > unit.upto:
+                return
+            yield item["Key"], item.get("ETag", "").strip('"')
+        if not page.get("IsTruncated"):
+            return
+        ask["ContinuationToken"] = page["NextContinuationToken"]
+
+
+def key_ranges(fs, bucket: str, prefix: str, pieces: int, probes: int = 400) -> list[tuple[str | None, str | None]]:
+    """About `pieces` key ranges (after, upto] that together hold every key under `prefix`, found without listing
+    them: the key space is bisected, each half probed with one StartAfter call of one key (empty halves dropped)."""
+    def first_after(after: str) -> str | None:
+        page = fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, StartAfter=after, MaxKeys=1)
+        return page["Contents"][0]["Key"] if page.get("Contents") else None
+
+    spans, asked = [(prefix, prefix + "\x7f")], 0
+    while len(spans) < pieces and asked < probes:
+        halves = []
+        with ThreadPoolExecutor(16) as pool:  # a round's probes at once
+            firsts = list(pool.map(first_after, [after for after, _ in spans]))
+        asked += len(spans)
+        for (after, upto), first in zip(spans, firsts):
+            if first is None or first > upto:
+                continue  # nothing there
+            middle = midpoint(first, upto)
+            halves += [(after, middle), (middle, upto)] if first < middle < upto else [(after, upto)]
+        if halves == spans or not halves:
+            break
+        spans = halves
+    bounds = [upto for _, upto in spans[:-1]]
+    return list(zip([None, *bounds], [*bounds, None]))
+
+
+def midpoint(low: str, high: str) -> str:
+    """A string about half-way between two keys, as numbers in base 96 of their printable ASCII characters."""
+    width = max(len(low), len(high)) + 1
+    def number(key: str) -> int:
+        digits = [min(max(ord(c) - 32, 0), 95) for c in key] + [0] * (width - len(key))
+        return sum(d * 96 ** (width - 1 - i) for i, d in enumerate(digits))
+
+    middle, out = (number(low) + number(high)) // 2, []
+    for _ in range(width):
+        middle, d = divmod(middle, 96)
+        out.append(chr(d + 32))
+    return "".join(reversed(out)).rstrip(" ")

@@ -101,6 +101,8 @@ class Output:
                 f"the interrupted {command} in {self.url} had other settings ({'; '.join(changed)}): finish it with "
                 f"the same settings, or {again}"
             )
+        if plan.get("listing", {}).get("kind") == "prefix":  # its partitions.json says what the workers listed
+            return listings.open_prefix(s.input, s.storage_options, s.extensions), featurize.Weights(**plan["weights"])
         if "listing" in plan:
             spread = listings.open_listing(s.input, s.storage_options, s.extensions, s.input_prefix)
             if spread.version != plan["listing"]["version"]:

@@ -192,3 +192,43 @@ def test_an_interrupted_run_from_an_inventory_resumes_only_from_the_same_invento
     bucket.pipe_file(manifest, bucket.cat_file(manifest) + b" ")  # a new version under the same name
     with pytest.raises(UsageError, match="has changed since the interrupted run"):
         out.resume_plan(settings)
+
+
+def worker_listed(spread, address, out) -> tuple[pd.DataFrame, listings.Partitions]:
+    """What the workers list: the rows of every partition they wrote, in order."""
+    out_fs = source.open_url(str(out), {})[0]
+    with Client(address) as client:
+        listed = listings.partitions(spread, client, out_fs, str(out), 16)
+    return pd.concat([sink.partition_rows(out_fs, path, byte_range) for path, byte_range, _ in listed.parts], ignore_index=True), listed
+
+
+def assert_same_listing(rows: pd.DataFrame, listed, expected) -> None:
+    columns = ["path", "label", "split", "identity"]
+    pd.testing.assert_frame_equal(rows[columns].astype(object).fillna("-"), expected.rows[columns].reset_index(drop=True).astype(object).fillna("-"))
+    assert listed.skipped == expected.skipped
+
+
+def test_a_folder_of_folders_is_listed_by_the_workers_folder_by_folder_into_the_same_rows(dask_cluster, sample_copy, tmp_path):
+    for extra in ("Training/notes.txt", "Training/top.jpg"):  # a file beside the folders, and one that is no image
+        (sample_copy / extra).write_bytes(b"x")
+    spread = listings.open_prefix(str(sample_copy / "Training"), {}, EXTENSIONS)
+    assert [unit.folder for unit in spread.files][:2] == ["", "Apple Braeburn"] and not spread.files[0].recursive
+    rows, listed = worker_listed(spread, dask_cluster, tmp_path / "out")
+    assert_same_listing(rows, listed, source.list_images(str(sample_copy / "Training"), {}, EXTENSIONS))
+    assert listings.open_prefix(str(sample_copy), {}, EXTENSIONS, min_folders=16) is None  # two folders: the client lists them
+
+
+@pytest.mark.slow
+def test_a_prefix_on_s3_is_listed_by_the_workers_and_a_flat_one_split_by_key_ranges(bucket, s3_endpoint, dask_cluster, tmp_path):
+    options = {"endpoint_url": s3_endpoint}
+    spread = listings.open_prefix("s3://fruits/fruits-360/Training", options, EXTENSIONS, min_folders=1)
+    rows, listed = worker_listed(spread, dask_cluster, tmp_path / "folders")
+    assert_same_listing(rows, listed, source.list_images("s3://fruits/fruits-360/Training", options, EXTENSIONS))
+
+    bucket.pipe({f"fruits/flat/{n:06d}.{'jpg' if n % 7 else 'txt'}": b"" for n in range(0, 2200, 2)})  # more than a page
+    spread = listings.open_prefix("s3://fruits/flat", options, EXTENSIONS)
+    ranges = [(unit.after, unit.upto) for unit in spread.files]
+    assert len(ranges) >= 8 and ranges[0][0] is None and ranges[-1][1] is None
+    assert all(upto == after for (_, upto), (after, _) in zip(ranges, ranges[1:]))  # every key in one range
+    rows, listed = worker_listed(spread, dask_cluster, tmp_path / "flat")
+    assert_same_listing(rows, listed, source.list_images("s3://fruits/flat", options, EXTENSIONS))
