@@ -225,8 +225,72 @@ def print_table(results: list[dict], prefix: dict | None, args) -> None:
               f">= {GOALS['prefix speedup']}x faster with {prefix['workers']} workers")
 
 
+LIST_BY = """
+import hashlib, json, sys, time
+import dask
+from distributed import Client
+from pipeline import listings, sink, source
+url, endpoint, address, out = sys.argv[1:5]
+options, extensions = {"endpoint_url": endpoint}, tuple(dask.config.get("pipeline.extensions"))
+started = time.perf_counter()
+if address == "client":
+    rows = source.list_images(url, options, extensions).rows
+else:
+    with Client(address) as client:
+        listed = listings.partitions(listings.open_prefix(url, options, extensions), client, *source.open_url(out, {}), 256)
+    seconds = time.perf_counter() - started
+    rows = [sink.partition_rows(source.open_url(out, {})[0], path, byte_range) for path, byte_range, _ in listed.parts]
+    import pandas as pd
+    rows = pd.concat(rows, ignore_index=True)
+seconds = locals().get("seconds") or time.perf_counter() - started
+digest = hashlib.sha256("\\n".join(f"{p}|{i}" for p, i in zip(rows.path, rows.identity)).encode()).hexdigest()
+print(json.dumps({"seconds": seconds, "images": len(rows), "digest": digest}))
+"""
+
+
 def prefix_runs(n: int, workers: int, work: pathlib.Path) -> dict:
-    raise NotImplementedError
+    """A prefix of `n` empty objects in 100 folders on a moto S3 server here, listed by the client alone and by the workers."""
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+    from moto.server import ThreadedMotoServer
+
+    os.environ.update(AWS_ACCESS_KEY_ID="FAKEKEYLISTINGBENCH0", AWS_SECRET_ACCESS_KEY="fake/secret", AWS_DEFAULT_REGION="us-east-1")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    made = time.perf_counter()
+    backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"] if "aws" in s3_backends[DEFAULT_ACCOUNT_ID] else s3_backends[DEFAULT_ACCOUNT_ID]["global"]
+    backend.create_bucket("camera", "us-east-1")
+    per_folder = max(1, n // 100)
+    for i in range(n):  # straight into the server's store: an upload a key through HTTP would take 20 minutes
+        backend.put_object("camera", f"photos/{i // per_folder:04d}/{i:08d}.jpg", b"")
+    print(f"\nprefix: {n:,} objects in the S3 server in {time.perf_counter() - made:.1f} s", flush=True)
+    url, result = "s3://camera/photos", {"keys": n, "folders": -(-n // per_folder), "workers": workers}
+    try:
+        by_client = list_by(url, endpoint, "client", work)
+        cluster = Cluster(work / "prefix-cluster", workers)
+        try:
+            by_workers = list_by(url, endpoint, cluster.address, work)
+        finally:
+            cluster.stop()
+    finally:
+        server.stop()
+    result |= {"client s": by_client["seconds"], "client images": by_client["images"], "workers s": by_workers["seconds"],
+               "workers images": by_workers["images"], "same": "yes" if by_client["digest"] == by_workers["digest"] else "NO"}
+    print(f"  client alone {by_client['seconds']:.1f} s, {workers} workers {by_workers['seconds']:.1f} s; same rows: {result['same']}")
+    return result
+
+
+def list_by(url: str, endpoint: str, address: str, work: pathlib.Path) -> dict:
+    out = work / f"prefix-{'client' if address == 'client' else 'workers'}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "_staging" / "partitions").mkdir(parents=True, exist_ok=True)
+    done = subprocess.run([sys.executable, "-c", LIST_BY, url, endpoint, address, str(out)], env=child_env(),
+                          capture_output=True, text=True, timeout=1200)
+    if done.returncode:
+        raise RuntimeError(done.stderr[-3000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":
