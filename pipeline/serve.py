@@ -93,17 +93,14 @@ class Version:
     """A finished output's version as the service answers from it: its recognizer and its rows' paths."""
 
     recognizer: recognize.Recognizer
-    rows: dict[str, int]  # path → row number, for the thumbnails' URLs
+    rows: dict[str, int]  # path → row number, for the thumbnails' URLs (the rows of images.parquet's parts in order)
     paths: np.ndarray  # row number → path, relative to the input
 
     @classmethod
     def load(cls, output: str, storage_options: dict) -> "Version":
         """Load the output and warm the model, so that the first request is answered as fast as the others."""
         recognizer = recognize.Recognizer.load(output, storage_options)
-        if not recognizer.in_process:
-            raise UsageError(f"{recognizer.url} has {recognizer.manifest['counts']['written']:,} rows, more than "
-                             f"`recognize.in-process-rows` ({recognize.setting('in-process-rows'):,}) that serve holds in memory")
-        paths = recognizer.reference.paths
+        paths = np.concatenate([table["path"].to_numpy(zero_copy_only=False) for _, table in Output.at(output, storage_options).parts()])
         recognizer.recognize([np.full((8, 8, 3), 255, np.uint8)], 1)  # builds the model once per process
         return cls(recognizer, {str(path): row for row, path in enumerate(paths)}, paths)
 
