@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="which fruit is in new photos: a label with its confidence, and the nearest images of a finished output",
         description="Featurize the images with the output's own model, weights and image size, project them with its "
         "PCA, and answer for each the label of a logistic regression trained on the output's PCA rows (the one evaluate "
-        "scores, saved as OUTPUT/recognizer.npz), its probability, and the nearest images of the output in PCA space. "
+        "scores, saved as OUTPUT/recognizer.npz), its probability, and the nearest images of the output in PCA space, "
+        "found by the output's index (OUTPUT/index/; --exact scans every row instead). "
         f"Up to {default('recognize.in-process-images')} images are answered in this process; a folder or prefix of more "
         "runs on the cluster and writes predictions.parquet and errors.parquet to OUTPUT/predictions/.",
     )
@@ -122,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     recognize.add_argument("--endpoint-url", help="S3 endpoint of the output and the images (MinIO, a local S3 server, another region)")
     recognize.add_argument("--anon", action="store_true", help="read a public bucket without credentials")
     recognize.add_argument("--json", action="store_true", help="print the answers (or what was written) as JSON on stdout")
+    recognize.add_argument("--exact", action="store_true", help="find the nearest images by an exact scan of every row of the "
+                           "output instead of its index (slow on a large output: to check the index's answers)")
     serve = commands.add_parser(
         "serve",
         help="answer photos over HTTP from a finished output, with a phone page at / and corrections at /labels",
@@ -257,7 +260,7 @@ def recognize_images(args: argparse.Namespace, storage: dict) -> int:
     try:
         with contextlib.redirect_stdout(sys.stderr):  # stdout holds the answers alone
             result = recognize.command(args.output, args.images, to=args.to, neighbours=args.neighbours, storage_options=storage,
-                                       cluster_address=args.cluster, say=say, progress=not args.json)
+                                       cluster_address=args.cluster, say=say, progress=not args.json, exact=args.exact)
     except config.UsageError as error:
         fail(str(error))
     print(json.dumps(result, indent=2, ensure_ascii=False) if args.json else "\n".join(recognize.summary(result)))

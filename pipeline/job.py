@@ -1,4 +1,4 @@
-"""The whole job: list → read, decode, featurize and stage → fit the PCA → project and write.
+"""The whole job: list → read, decode, featurize and stage → fit the PCA → project and write → index.
 
 `run()` is what `python -m pipeline run` and the notebook call. `update()` (incremental.py) goes
 through the same flow, `featurize_fit_write()`, with its own listing, PCA and parts; `recognize`
@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 import cluster
 
-from . import config, featurize, listings, reduce, sink, source
+from . import config, featurize, index, listings, reduce, sink, source
 from .config import Settings, UsageError
 from .output import Output
 
@@ -142,6 +142,7 @@ class Done:
     dashboard: str
     listed: int  # images listed (featurized or resumed)
     skipped: int  # non-image files under the input
+    index: dict  # the nearest-images index built: index.json
 
 
 def featurize_fit_write(
@@ -171,7 +172,17 @@ def featurize_fit_write(
         with stopwatch(timings, "project + write"):
             parts, n_rows = parts_of(staged)
             written = write_output(client, parts, n_rows, out.fs, out.path, progress)
-        return Done(staged, errors, pca, len(parts), written, workers, client.dashboard_link, listed.images, listed.skipped)
+        with stopwatch(timings, "index"):
+            built = build_index(out, pca.n_components, written, say)
+        return Done(staged, errors, pca, len(parts), written, workers, client.dashboard_link, listed.images, listed.skipped, built)
+
+
+def build_index(out: Output, width: int, rows: int, say: Callable[[str], None]) -> dict:
+    """The nearest-images index of the parts just written (under _staging/), from them, one after another."""
+    folder = out / f"{sink.STAGING}/{sink.IMAGES}"
+    out.fs.invalidate_cache(folder)  # written by the workers
+    parts = sorted(out.fs.find(folder))
+    return index.build(out.fs, out / f"{sink.STAGING}/{sink.INDEX}", parts, width, rows, say=say)
 
 
 @contextlib.contextmanager
@@ -231,6 +242,7 @@ def outcome(listed: int, skipped: int, done: Done, timings: dict, featurized: in
             "partitions_redone": sum(part.get("redone", False) for part in done.staged),
         },
         "pca": {"n_components": done.pca.n_components, "variance_kept": done.pca.variance_kept, "n_samples": done.pca.n_samples},
+        "index": done.index,
         "timings_s": timings,
         "worker_seconds": worker_seconds(done.staged),
         "images_per_s": {

@@ -3,9 +3,10 @@
 `python -m pipeline recognize OUTPUT IMAGE...` featurizes the images with exactly the output's
 model, image size and weights, projects them with its PCA, and answers for each the label of a
 logistic regression trained on the output's PCA rows, with its probability, and the k nearest
-images of the output in PCA space (path, label, distance). A handful of images is answered in
-this process; a folder or prefix of more runs on the cluster as `run` does and writes
-predictions.parquet/ and errors.parquet.
+images of the output in PCA space (row id, path, label, distance), found by the output's faiss
+index (index.py: exact below a size, approximate above; `--exact` scans every row instead, for
+checks). A handful of images is answered in this process; a folder or prefix of more runs on the
+cluster as `run` does and writes predictions.parquet/ and errors.parquet.
 
 The classifier is evaluate.py's (`evaluate.train`): what `evaluate` scores is what answers here.
 It is trained once on every row of the output and saved beside it as recognizer.npz (plain
@@ -33,7 +34,7 @@ from PIL import Image
 
 import cluster
 
-from . import config, featurize, images, job, reduce, sink, source
+from . import config, featurize, images, index, job, reduce, sink, source
 from .config import UsageError
 from .output import Output
 
@@ -41,7 +42,6 @@ log = logging.getLogger("pipeline")
 CLASSIFIER = "recognizer.npz"  # beside the output's manifest
 PREDICTIONS = "predictions.parquet"
 FOLDER = "predictions"  # where a folder of many images is written by default: OUTPUT/predictions/
-SEARCH_BLOCK = 1 << 24  # distances computed at once in a neighbour search (64 MiB of float32)
 
 
 def setting(name: str, value=None) -> int:
@@ -55,7 +55,8 @@ class Neighbour:
 
     path: str  # relative to the output's input, as in images.parquet
     label: str
-    distance: float  # Euclidean, in PCA space
+    distance: float  # Euclidean, in PCA space (from the index's 8-bit codes where it is approximate)
+    row: int  # the row's id in the output's index: its position in images.parquet/, part after part
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +138,7 @@ def trained_classifier(fs, root: str, manifest: dict, rows: Callable[[], "Refere
     return classifier
 
 
-# --- the nearest images ----------------------------------------------------------------------------
+# --- the rows the classifier learns from --------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,89 +150,40 @@ class Queries:
 
 
 @dataclasses.dataclass(frozen=True)
-class Nearest:
-    """The k nearest images of some queries: q × k arrays, nearest first."""
-
-    distances: np.ndarray
-    paths: np.ndarray
-    labels: np.ndarray
-
-
-@dataclasses.dataclass(frozen=True)
 class Reference:
-    """Rows of the output to search: path, label and PCA coordinates (n × k float32)."""
+    """Rows of the output: label and PCA coordinates (n × k float32)."""
 
-    paths: np.ndarray
     labels: np.ndarray
     vectors: np.ndarray
 
-    @functools.cached_property
-    def norms(self) -> np.ndarray:
-        return np.einsum("ij,ij->i", self.vectors, self.vectors)
-
-    def nearest(self, queries: np.ndarray, k: int) -> Nearest:
-        """The k rows nearest to each query (Euclidean), in blocks of queries that bound the memory."""
-        k = min(k, len(self.paths))
-        block = max(1, SEARCH_BLOCK // max(len(self.paths), 1))
-        found = []
-        for start in range(0, len(queries), block):
-            q = queries[start : start + block]
-            ranking = self.norms[None, :] - 2 * (q @ self.vectors.T)  # squared distance less |q|²: same order
-            candidates = np.argpartition(ranking, k - 1, axis=1)[:, :k] if k < len(self.paths) else np.tile(np.arange(k), (len(q), 1))
-            distances = np.linalg.norm(self.vectors[candidates] - q[:, None, :], axis=2)  # exact, for the few kept
-            order = np.argsort(distances, axis=1, kind="stable")
-            found.append((np.take_along_axis(distances, order, 1), np.take_along_axis(candidates, order, 1)))
-        distances = np.concatenate([d for d, _ in found]) if found else np.zeros((0, k), np.float32)
-        rows = np.concatenate([r for _, r in found]) if found else np.zeros((0, k), int)
-        return Nearest(distances, self.paths[rows], self.labels[rows])
-
-
-def merged(results: list[Nearest], k: int) -> Nearest:
-    """The k nearest of several searches of the same queries (one per part of the output)."""
-    if len(results) == 1:
-        return results[0]
-    distances = np.concatenate([r.distances for r in results], axis=1)
-    order = np.argsort(distances, axis=1, kind="stable")[:, :k]
-    return Nearest(*(np.take_along_axis(np.concatenate([getattr(r, name) for r in results], axis=1), order, 1)
-                     for name in ("distances", "paths", "labels")))
-
 
 def read_rows(fs, parts: list[str], width: int, fraction: float = 1.0) -> Reference:
-    """The path, label and PCA coordinates of the output's rows; a seeded `fraction` of them if below 1."""
-    paths, labels, vectors = [], [], []
-    for index, part in enumerate(parts):
-        table = sink.read_parquet(fs, part, ["path", "label", "pca"])
+    """The label and PCA coordinates of the output's rows; a seeded `fraction` of them if below 1."""
+    labels, vectors = [], []
+    for number, part in enumerate(parts):
+        table = sink.read_parquet(fs, part, ["label", "pca"])
         if fraction < 1:
-            table = table.filter(np.random.default_rng([0, index]).random(table.num_rows) < fraction)
-        paths.append(table["path"].to_numpy(zero_copy_only=False))
+            table = table.filter(np.random.default_rng([0, number]).random(table.num_rows) < fraction)
         labels.append(table["label"].to_numpy(zero_copy_only=False))
         vectors.append(sink.matrix(table["pca"], width))
-    if not paths:
+    if not labels:
         raise UsageError("the output holds no images to recognize with: every image of its run failed")
-    return Reference(np.concatenate(paths), np.concatenate(labels), np.concatenate(vectors))
-
-
-def part_nearest(fs, part: str, queries: Queries, k: int, width: int) -> Nearest:
-    """The k nearest rows of one part of the output: one task of a search partition by partition."""
-    return read_rows(fs, [part], width).nearest(queries.vectors, k)
-
-
-def reference_nearest(reference: Reference, queries: Queries, k: int) -> Nearest:
-    """The k nearest rows of the output held whole (by a worker)."""
-    return reference.nearest(queries.vectors, k)
+    return Reference(np.concatenate(labels), np.concatenate(vectors))
 
 
 # --- the recognizer --------------------------------------------------------------------------------
 
 
 class Recognizer:
-    """A finished output held in memory, to recognize images one call at a time.
+    """A finished output opened for answering, to recognize images one call at a time: the one place
+    that loads what answering needs (model key, PCA, classifier, nearest-images index).
 
         recognizer = Recognizer.load("s3://bucket/out", {"endpoint_url": ...})
         answer, = recognizer.recognize([jpeg_bytes])      # or H × W × 3 uint8 arrays
 
-    The model is built on the first call (seconds), then kept by the process. An output of more
-    rows than `recognize.in-process-rows` is searched part by part on the Dask `client`.
+    The model is built on the first call (seconds), then kept by the process. The index is
+    memory-mapped (copied to a local cache first from an object store): loading holds little
+    memory at any size.
     """
 
     def __init__(self, fs, root: str, manifest: dict, pca: reduce.Pca, parts: list[str], storage_options: dict, client=None):
@@ -240,9 +192,9 @@ class Recognizer:
         self.key = model_key(manifest)
         self.storage_options = storage_options
         self.mean, self.kept = pca.mean.astype(np.float32), pca.kept  # as the run projects (sink.finish_partition)
-        self.in_process = manifest["counts"]["written"] <= setting("in-process-rows")
-        fraction = 1.0 if self.in_process else setting("in-process-rows") / manifest["counts"]["written"]
-        self.classifier = trained_classifier(fs, root, manifest, lambda: self.reference if self.in_process else self.rows(fraction))
+        self.index = index.SearchIndex.load(fs, root, manifest["finished"])
+        fraction = min(1.0, setting("classifier-rows") / max(1, manifest["counts"]["written"]))
+        self.classifier = trained_classifier(fs, root, manifest, lambda: self.rows(fraction))
 
     @classmethod
     def load(cls, output: str, storage_options: dict | None = None, *, client=None) -> "Recognizer":
@@ -258,15 +210,11 @@ class Recognizer:
     def rows(self, fraction: float = 1.0) -> Reference:
         return read_rows(self.fs, self.parts, len(self.kept), fraction)
 
-    @functools.cached_property
-    def reference(self) -> Reference:
-        """Every row of the output, read on the first search."""
-        return self.rows()
-
-    def recognize(self, items: Sequence[np.ndarray | bytes], neighbours: int | None = None) -> list[Answer]:
+    def recognize(self, items: Sequence[np.ndarray | bytes], neighbours: int | None = None, *, exact: bool = False) -> list[Answer]:
         """An answer for each image (encoded bytes, or a decoded H × W × 3 uint8 array), in order.
 
         An image that cannot be decoded gets an answer with its error; the others are answered.
+        `exact`: the nearest images by a scan of every row instead of the index (slow at scale: for checks).
         """
         k = setting("neighbours", neighbours)
         size, max_pixels = self.key.image_size, dask.config.get("pipeline.max-image-pixels")
@@ -276,7 +224,7 @@ class Recognizer:
                 arrays[index] = from_array(item, size) if isinstance(item, np.ndarray) else images.decode(bytes(item), size, max_pixels)
             except Exception as error:  # Pillow raises many kinds for broken files
                 errors[index] = f"{type(error).__name__}: {error}"
-        answered = dict(zip(arrays, self.answer(self.features(list(arrays.values())), k)))
+        answered = dict(zip(arrays, self.answer(self.features(list(arrays.values())), k, exact=exact)))
         return [answered.get(index) or Answer(None, None, error=errors[index]) for index in range(len(items))]
 
     def features(self, arrays: list[np.ndarray]) -> np.ndarray:
@@ -288,7 +236,7 @@ class Recognizer:
         features, _ = model(arrays, min(len(arrays), batch))
         return features
 
-    def answer(self, features: np.ndarray, k: int) -> list[Answer]:
+    def answer(self, features: np.ndarray, k: int, *, exact: bool = False) -> list[Answer]:
         """Label, probability and k nearest images for each row of features.
 
         On one BLAS thread: OpenBLAS's threads spin for a while after each product, on the cores
@@ -297,24 +245,21 @@ class Recognizer:
         with blas().limit(limits=1, user_api="blas"):
             queries = Queries([], (features - self.mean) @ self.kept.T)
             labels, confidences = self.classifier.predict(queries.vectors)
-            nearest = self.nearest(queries, k)
+            nearest = self.nearest(queries.vectors, k, exact)
         return [
-            Answer(str(label), float(confidence), tuple(Neighbour(str(p), str(l), float(d)) for p, l, d in zip(*row)))
-            for label, confidence, *row in zip(labels, confidences, nearest.paths, nearest.labels, nearest.distances)
+            Answer(str(label), float(confidence), neighbours_of(nearest, i))
+            for i, (label, confidence) in enumerate(zip(labels, confidences))
         ]
 
-    def nearest(self, queries: Queries, k: int) -> Nearest:
-        """The k nearest rows of the output: here, or part by part on the cluster above `in-process-rows`."""
-        if self.in_process:
-            return reference_nearest(self.reference, queries, k)
-        if self.client is None:
-            raise UsageError(f"{self.url} has {self.manifest['counts']['written']:,} rows, more than `recognize.in-process-rows` "
-                             f"({setting('in-process-rows'):,}): give the Recognizer a Dask client to search it part by part")
-        return merged(self.client.gather(self.search(queries, k)), k)
+    def nearest(self, vectors: np.ndarray, k: int, exact: bool = False) -> index.Nearest:
+        """The k nearest rows of the output: from its index, or by a scan of every part if `exact`."""
+        return self.index.exact(self.fs, self.parts, vectors, k) if exact else self.index.search(vectors, k)
 
-    def search(self, queries, k: int) -> list:
-        """Futures of each part's k nearest rows to `queries` (Queries, or a future of them)."""
-        return [self.client.submit(part_nearest, self.fs, part, queries, k, len(self.kept)) for part in self.parts]
+
+def neighbours_of(nearest: index.Nearest, i: int) -> tuple[Neighbour, ...]:
+    """Query `i`'s nearest rows as Neighbours, nearest first."""
+    return tuple(Neighbour(str(p), str(l), float(d), int(r)) for p, l, d, r in
+                 zip(nearest.paths[i], nearest.labels[i], nearest.distances[i], nearest.rows[i]))
 
 
 @functools.cache
@@ -353,14 +298,20 @@ def staged_queries(fs, path: str, projection: tuple[np.ndarray, np.ndarray]) -> 
     return Queries(table["path"].to_pylist(), (sink.matrix(table["features"], len(mean)) - mean) @ kept.T)
 
 
-def write_predictions(fs, path: str, queries: Queries, classifier: Classifier, found: list[Nearest], k: int) -> int:
-    """Write one partition's predictions: path, label, confidence, neighbours (path, label, distance); returns its rows."""
+def write_predictions(fs, path: str, queries: Queries, classifier: Classifier, searched: tuple, k: int, exact: bool) -> int:
+    """Write one partition's predictions: path, label, confidence, neighbours (path, label, distance, row); returns its rows.
+
+    `searched`: the output's filesystem, path, version and parts, whose index the worker loads once (memory-mapped).
+    """
+    fs_index, root, version, parts = searched
     labels, confidences = classifier.predict(queries.vectors)
-    nearest = merged(found, k)
+    found = index.SearchIndex.load(fs_index, root, version)
+    nearest = found.exact(fs_index, parts, queries.vectors, k) if exact else found.search(queries.vectors, k)
     n, width = nearest.distances.shape
     neighbours = pa.StructArray.from_arrays(
         [pa.array(nearest.paths.ravel().tolist(), pa.string()), pa.array(nearest.labels.ravel().tolist(), pa.string()),
-         pa.array(nearest.distances.ravel().astype(np.float32))], names=["path", "label", "distance"])
+         pa.array(nearest.distances.ravel().astype(np.float32)), pa.array(nearest.rows.ravel(), pa.int64())],
+        names=["path", "label", "distance", "row"])
     table = pa.table({
         "path": pa.array(queries.paths, pa.string()),
         "label": pa.array(labels.tolist(), pa.string()),
@@ -372,7 +323,7 @@ def write_predictions(fs, path: str, queries: Queries, classifier: Classifier, f
 
 
 def recognize_folder(recognizer: Recognizer, listing: source.Listing, to: str, s: config.Settings, client, k: int,
-                     progress: bool) -> dict:
+                     progress: bool, exact: bool = False) -> dict:
     """Featurize a folder's images on the cluster as `run` does; write predictions.parquet/ and errors.parquet to `to`.
 
     Written under `to`/_staging/ and moved into place at the end, like an output.
@@ -388,14 +339,12 @@ def recognize_folder(recognizer: Recognizer, listing: source.Listing, to: str, s
     final = f"{out}/{sink.STAGING}/{PREDICTIONS}"
     sink.make_folder(out_fs, final)
     projection = client.submit(reduce.projection, recognizer.fs, f"{recognizer.root}/{sink.PCA}")
-    if recognizer.in_process:  # read once by a worker, copied to the others as needed
-        reference = client.submit(read_rows, recognizer.fs, recognizer.parts, len(recognizer.kept))
+    searched = (recognizer.fs, recognizer.root, recognizer.manifest["finished"], recognizer.parts)
     futures = []
-    for index, part in enumerate(p for p in staged if p["rows"]):
+    for number, part in enumerate(p for p in staged if p["rows"]):
         queries = client.submit(staged_queries, out_fs, part["staged"], projection)
-        found = [client.submit(reference_nearest, reference, queries, k)] if recognizer.in_process else recognizer.search(queries, k)
-        futures.append(client.submit(write_predictions, out_fs, f"{final}/{sink.part_name(index)}", queries,
-                                     recognizer.classifier, found, k))
+        futures.append(client.submit(write_predictions, out_fs, f"{final}/{sink.part_name(number)}", queries,
+                                     recognizer.classifier, searched, k, exact))
     with job.progress_bar("recognize", sum(p["rows"] for p in staged), progress) as bar:
         for future in futures:
             bar.update(future.result())
@@ -435,8 +384,11 @@ def listed(inputs: Sequence[str], storage_options: dict) -> tuple[list[Item], li
 
 
 def command(output: str, inputs: Sequence[str], *, to: str | None = None, neighbours=None, storage_options: dict | None = None,
-            cluster_address: str | None = None, say: Callable[[str], None] = print, progress: bool = True) -> dict:
+            cluster_address: str | None = None, say: Callable[[str], None] = print, progress: bool = True,
+            exact: bool = False) -> dict:
     """`python -m pipeline recognize`: a handful of images answered here, a folder of more on the cluster.
+
+    `exact`: the nearest images by a scan of every row of the output rather than its index, for checks.
 
     Returns {"answers": [...]} (each Answer with its image's name as "path"), or, for a folder
     recognized on the cluster, what was written where.
@@ -454,12 +406,12 @@ def command(output: str, inputs: Sequence[str], *, to: str | None = None, neighb
     if many:
         check_destination(recognizer, s.output, storage_options)
     with contextlib.ExitStack() as stack:
-        if many or not recognizer.in_process:
+        if many:
             recognizer.client = stack.enter_context(cluster.connect(s.cluster, s.local_cluster, say))
             say(f"dashboard: {recognizer.client.dashboard_link}")
-        if many:
-            return recognize_folder(recognizer, listings[0], s.output, s, recognizer.client, k, progress)
-        return {"answers": [{"path": item.name} | dataclasses.asdict(answer) for item, answer in zip(items, answers(recognizer, items, k))]}
+            return recognize_folder(recognizer, listings[0], s.output, s, recognizer.client, k, progress, exact)
+        return {"answers": [{"path": item.name} | dataclasses.asdict(answer)
+                            for item, answer in zip(items, answers(recognizer, items, k, exact))]}
 
 
 def check_destination(recognizer: Recognizer, to: str, storage_options: dict) -> None:
@@ -475,13 +427,13 @@ def check_destination(recognizer: Recognizer, to: str, storage_options: dict) ->
                          f"give another folder for the predictions, or no --to to write them to {recognizer.url}/{FOLDER}")
 
 
-def answers(recognizer: Recognizer, items: list[Item], k: int) -> list[Answer]:
+def answers(recognizer: Recognizer, items: list[Item], k: int, exact: bool = False) -> list[Answer]:
     """Read the items (concurrently, where each filesystem can) and recognize those that could be read."""
     blobs = []
     for fs, group in itertools.groupby(items, key=lambda item: item.fs):
         blobs += source.read_many(fs, [item.path for item in group])
     readable = [blob for blob in blobs if not isinstance(blob, BaseException)]
-    found = iter(recognizer.recognize(readable, k))
+    found = iter(recognizer.recognize(readable, k, exact=exact))
     return [Answer(None, None, error=f"{type(blob).__name__}: {blob}") if isinstance(blob, BaseException) else next(found)
             for blob in blobs]
 

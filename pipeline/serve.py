@@ -312,8 +312,7 @@ class Service:
         quoted = urllib.parse.quote(version.name)
         return {
             "label": answer.label, "confidence": answer.confidence, "details": self.details.get(answer.label),
-            "neighbours": [dataclasses.asdict(n) | {"row": version.rows.get(n.path),
-                                                    "thumbnail": f"/thumbnails/{version.rows.get(n.path)}?version={quoted}"}
+            "neighbours": [dataclasses.asdict(n) | {"thumbnail": f"/thumbnails/{n.row}?version={quoted}"}
                            for n in answer.neighbours],
             "version": version.name,
         }

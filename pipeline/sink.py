@@ -6,6 +6,7 @@ Layout under the output folder:
                                        features list<float32>, pca list<float32>
     errors.parquet                     path, identity, stage, error, message: inputs that could not be used
     pca.npz                            the fitted PCA (see reduce.py)
+    index/                             the nearest-images index of the PCA rows (faiss; see index.py)
     manifest.json                      settings, versions, weights used, counts, timings, history of
                                        the run and its updates; written last: an output is complete
                                        when it has a manifest
@@ -15,7 +16,7 @@ Layout under the output folder:
       run.json, listing.arrow          what --resume (or a rerun of `update`) needs to finish it alike
       partitions.arrow                 the images to featurize, an Arrow stream per partition
       features/part-NNNNN.parquet      one partition's features, errors and timings; there = done
-      images.parquet/, errors.parquet, pca.npz   the new output, moved into place at commit
+      images.parquet/, errors.parquet, pca.npz, index/   the new output, moved into place at commit
 
 Every file is published whole: object stores show an object only once uploaded, and local files
 are written beside their name and renamed. A retried partition rewrites its own file.
@@ -39,12 +40,13 @@ IMAGES = "images.parquet"
 ERRORS = "errors.parquet"
 MANIFEST = "manifest.json"
 PCA = "pca.npz"
+INDEX = "index"  # the nearest-images index (index.py)
 STAGING = "_staging"
 RUN = f"{STAGING}/run.json"
 LISTING = f"{STAGING}/listing.arrow"
 PARTITIONS = f"{STAGING}/partitions.arrow"
 STAGED = f"{STAGING}/features"
-FINAL = (IMAGES, ERRORS, PCA)  # moved from _staging into place at commit, then the manifest
+FINAL = (IMAGES, ERRORS, PCA, INDEX)  # moved from _staging into place at commit, then the manifest
 REPORT = "report"
 EVALUATION = "evaluation"
 ERROR_COLUMNS = ["path", "identity", "stage", "error", "message"]

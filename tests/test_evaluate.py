@@ -356,7 +356,7 @@ def test_a_single_label_is_a_one_line_usage_error(tmp_path):
 def test_a_new_output_drops_the_old_evaluation(tmp_path):
     fs, out = fsspec.filesystem("file"), str(tmp_path)
     for name in (f"{sink.STAGING}/{sink.IMAGES}/{sink.part_name(0)}", f"{sink.STAGING}/{sink.ERRORS}", f"{sink.STAGING}/{sink.PCA}",
-                 "evaluation/evaluation.json"):
+                 f"{sink.STAGING}/{sink.INDEX}/index.json", "evaluation/evaluation.json"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
     sink.commit(fs, out, {})

@@ -15,7 +15,7 @@ from PIL import Image
 from test_evaluate import fake_output
 
 import pipeline
-from pipeline import evaluate, images, recognize, sink
+from pipeline import evaluate, images, index, recognize, reduce, sink
 from pipeline.config import SAMPLE_DIR, UsageError
 
 HELD_OUT = 3  # images of each label kept out of the sample's output
@@ -34,11 +34,14 @@ def blobs(n_labels=3, per_label=20, width=16, seed=0):
 
 
 def finished(folder, rows, finished_at="2026-12-01T00:00:00+00:00"):
-    """Give a hand-written output the manifest a run writes: what recognize reads of it."""
+    """Give a hand-written output the manifest and index a run writes: what recognize reads of it."""
+    fs = fsspec.filesystem("file")
     manifest = {"finished": finished_at, "counts": {"written": rows},
                 "settings": {"model": "mobilenet_v2", "image_size": 224, "seed": 0},
                 "weights": {"requested": "random", "used": "random", "warning": None}}
-    sink.write_json(fsspec.filesystem("file"), f"{folder}/{sink.MANIFEST}", manifest)
+    width = reduce.Pca.load(fs, f"{folder}/{sink.PCA}").n_components
+    index.build(fs, f"{folder}/{sink.INDEX}", sorted(fs.glob(f"{folder}/{sink.IMAGES}/*.parquet")), width, rows)
+    sink.write_json(fs, f"{folder}/{sink.MANIFEST}", manifest)
     return folder
 
 
@@ -65,32 +68,6 @@ def test_the_classifier_answers_what_evaluates_logistic_regression_answers(n_lab
     assert np.allclose(confidence, model.predict_proba(test).max(axis=1))
 
 
-def test_the_nearest_images_are_the_exact_k_nearest_in_any_block_size(monkeypatch):
-    rng = np.random.default_rng(0)
-    vectors, queries = rng.normal(size=(300, 8)).astype(np.float32), rng.normal(size=(7, 8)).astype(np.float32)
-    reference = recognize.Reference(np.array([f"{i}.jpg" for i in range(300)]), np.array(["Apple"] * 300), vectors)
-    distances = np.linalg.norm(vectors[None] - queries[:, None], axis=2)
-
-    for block in (recognize.SEARCH_BLOCK, 600):  # all queries at once; two at a time
-        monkeypatch.setattr(recognize, "SEARCH_BLOCK", block)
-        nearest = reference.nearest(queries, 4)
-        assert nearest.paths.tolist() == [[f"{i}.jpg" for i in row] for row in np.argsort(distances, axis=1)[:, :4]]
-        assert np.allclose(nearest.distances, np.sort(distances, axis=1)[:, :4], atol=1e-5)
-    assert reference.nearest(queries, 1000).paths.shape == (7, 300)  # k beyond the rows: every row
-
-
-def test_searching_part_by_part_and_merging_finds_what_one_search_finds():
-    rng = np.random.default_rng(1)
-    vectors, queries = rng.normal(size=(100, 6)).astype(np.float32), rng.normal(size=(5, 6)).astype(np.float32)
-    paths, labels = np.array([f"{i}.jpg" for i in range(100)]), np.array([f"label {i % 3}" for i in range(100)])
-    whole = recognize.Reference(paths, labels, vectors).nearest(queries, 5)
-    parts = [recognize.Reference(paths[i : i + 30], labels[i : i + 30], vectors[i : i + 30]).nearest(queries, 5) for i in range(0, 100, 30)]
-
-    merged = recognize.merged(parts, 5)
-    assert merged.paths.tolist() == whole.paths.tolist() and merged.labels.tolist() == whole.labels.tolist()
-    assert np.array_equal(merged.distances, whole.distances)
-
-
 def test_an_image_of_the_output_is_its_own_nearest_and_gets_its_label(hand_made):
     output, features, labels = hand_made
     recognizer = recognize.Recognizer.load(str(output))
@@ -98,6 +75,7 @@ def test_an_image_of_the_output_is_its_own_nearest_and_gets_its_label(hand_made)
 
     assert [a.label for a in answers] == [labels[0], labels[25], labels[59]]
     assert [a.neighbours[0].path for a in answers] == [f"{labels[i]}/{i}.jpg" for i in (0, 25, 59)]
+    assert [a.neighbours[0].row for a in answers] == [0, 25, 59]  # its position in images.parquet/: the index's row id
     assert all(a.neighbours[0].distance < 1e-3 and len(a.neighbours) == 3 and a.confidence > 0.9 for a in answers)
     assert all(a.neighbours[0].distance <= a.neighbours[1].distance <= a.neighbours[2].distance for a in answers)
 
@@ -116,26 +94,24 @@ def test_the_classifier_is_trained_once_per_version_of_the_output(hand_made):
     assert saved.stat().st_mtime_ns != written
 
 
-def test_an_output_above_the_in_process_limit_is_searched_part_by_part_on_the_cluster(dask_cluster, tmp_path):
-    features, labels = blobs(per_label=40)
+def test_a_large_output_answers_from_its_approximate_index_and_exact_on_request(tmp_path):
+    features, labels = blobs(per_label=400)
     output = tmp_path / "out"
-    fake_output(output, labels, [None] * 120, features, kept=5)
-    fs = fsspec.filesystem("file")
-    table = sink.read_parquet(fs, f"{output}/{sink.IMAGES}/{sink.part_name(0)}")
-    for index, start in enumerate(range(0, 120, 50)):  # three parts, as a run of 50 images per partition writes
-        sink.write_parquet(fs, f"{output}/{sink.IMAGES}/{sink.part_name(index)}", table.slice(start, 50))
-    finished(output, 120)
-    queries = features[[3, 50, 119]].astype(np.float32)
-    expected = recognize.Recognizer.load(str(output)).answer(queries, 4)
+    fake_output(output, labels, [None] * 1200, features, kept=5, parts=4)
+    with dask.config.set({"pipeline.index.exact-below": 1000}):  # 1,200 rows: above, an IVF index
+        finished(output, 1200)
+    recognizer = recognize.Recognizer.load(str(output))
+    assert recognizer.index.about["kind"] == "ivf-sq8" and recognizer.index.about["recall"]["@5"] >= 0.95
 
-    with dask.config.set({"pipeline.recognize.in-process-rows": 100}):
-        far = recognize.Recognizer.load(str(output))
-        assert not far.in_process
-        with pytest.raises(UsageError, match="more than `recognize.in-process-rows` \\(100\\): give the Recognizer a Dask client"):
-            far.answer(queries, 4)
-        with Client(dask_cluster) as client:
-            far.client = client
-            assert far.answer(queries, 4) == expected
+    queries = (features[::40] + np.random.default_rng(1).normal(size=(30, 16)) * 0.5).astype(np.float32)  # new points among the rows
+    indexed, exact = recognizer.answer(queries, 5), recognizer.answer(queries, 5, exact=True)
+    assert [a.label for a in indexed] == [a.label for a in exact]  # the classifier does not depend on the search
+    found = [len({n.row for n in a.neighbours} & {n.row for n in e.neighbours}) / 5 for a, e in zip(indexed, exact)]
+    assert np.mean(found) >= 0.9
+    assert all(n.path == f"{labels[n.row]}/{n.row}.jpg" for a in exact for n in a.neighbours)
+    distances = np.linalg.norm((features - features.mean(axis=0)) @ reduce.Pca.load(fsspec.filesystem("file"), f"{output}/{sink.PCA}").kept.T
+                               - ((queries - features.mean(axis=0)) @ recognizer.kept.T)[0], axis=1)
+    assert [n.row for n in exact[0].neighbours] == np.argsort(distances)[:5].tolist()
 
 
 def test_an_array_is_read_as_the_same_image_in_a_file_would_be():

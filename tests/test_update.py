@@ -19,7 +19,7 @@ from PIL import Image
 from scipy.linalg import subspace_angles
 
 import pipeline
-from pipeline import cli, featurize, incremental
+from pipeline import cli, featurize, incremental, index
 from pipeline.config import SAMPLE_DIR, UsageError
 
 LABELS = sorted(p.name for p in (SAMPLE_DIR / "Training").iterdir())
@@ -139,6 +139,14 @@ def in_file_order(s3, output) -> pd.DataFrame:
     return pd.concat([pd.read_parquet(part, filesystem=s3, columns=["path"]) for part in parts], ignore_index=True)
 
 
+def indexed(s3, output) -> tuple[index.SearchIndex, pd.DataFrame]:
+    """The output's index as recognize loads it, and its rows as the part files hold them, with their PCA."""
+    manifest = json.loads(s3.cat_file(f"{output}/manifest.json"))
+    parts = sorted(s3.find(f"{output}/images.parquet"))
+    rows = pd.concat([pd.read_parquet(part, filesystem=s3, columns=["path", "pca"]) for part in parts], ignore_index=True)
+    return index.SearchIndex.load(s3, output, manifest["finished"]), rows
+
+
 def assert_same_pca(pca, exact, k):
     ratios, expected = pca["explained_variance_ratio"][:k], exact["explained_variance_ratio"][:k]
     assert np.abs(ratios - expected).max() / expected.min() < 0.01
@@ -168,6 +176,11 @@ def test_a_bucket_grown_in_three_steps_and_updated_after_each_equals_one_full_ru
     kept = pca["components"][: pca["n_components"]]
     np.testing.assert_allclose(np.stack(rows.pca), (np.stack(rows.features) - pca["mean"]) @ kept.T, rtol=1e-3, atol=1e-3)
 
+    found, in_order = indexed(s3, "fruits/grown")  # the index holds every row, added ones too, in the new PCA
+    assert found.rows["path"].to_pylist() == list(in_order.path) and manifest["index"]["rows"] == 129
+    nearest = found.search(np.stack(in_order.pca), 1)
+    assert nearest.rows[:, 0].tolist() == list(range(129)) and nearest.distances.max() < 1e-3
+
 
 @pytest.mark.slow
 def test_a_replaced_object_is_redone_a_deleted_one_removed_and_nothing_else_touched(s3, s3_endpoint, dask_cluster, capsys):
@@ -191,6 +204,10 @@ def test_a_replaced_object_is_redone_a_deleted_one_removed_and_nothing_else_touc
     assert not np.array_equal(new.features[replaced], old.features[replaced])
     untouched = [path for path in after.path if path != replaced]
     np.testing.assert_array_equal(np.stack(new.features[untouched]), np.stack(old.features[untouched]))
+    found, in_order = indexed(s3, "fruits/out")  # the deleted image is no longer found, the replaced one is, as it is now
+    assert deleted not in found.rows["path"].to_pylist() and found.rows["path"].to_pylist() == list(in_order.path)
+    at = list(in_order.path).index(replaced)
+    assert found.search(np.stack(in_order.pca[[at]]), 1).rows.tolist() == [[at]]
 
     assert cli.main(["update", "--output", output, "--cluster", dask_cluster, "--endpoint-url", s3_endpoint]) == 0
     again = json.loads(s3.cat("fruits/out/manifest.json"))
