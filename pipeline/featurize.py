@@ -583,8 +583,7 @@ def featurize_partition(
     seconds["read"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    with ThreadPoolExecutor(worker_threads()[0]) as pool:  # Pillow lets go of the GIL while it decodes
-        decoded = list(pool.map(lambda blob: decode_one(blob, key.image_size, max_pixels), blobs))
+    decoded = decode_all(blobs, key.image_size, max_pixels, worker_threads()[0])
     arrays, kept, errors = [], [], []
     for path, identity, (stage, result) in zip(rows["path"], rows["identity"], decoded):
         if stage:
@@ -601,6 +600,18 @@ def featurize_partition(
 
     good = rows[rows["path"].isin(kept)]
     return sink.stage_partition(output_fs, staged_path, good, features, errors, seconds) | {"device": model.device}
+
+
+def decode_all(blobs: list, size: int, max_pixels: int, threads: int) -> list[tuple[str | None, object]]:
+    """decode_one of every blob, in order, on `threads` threads (decoders let go of the GIL): one task a
+    thread, each a contiguous slice, as a future per image would cost about as much as decoding a thumbnail."""
+    step = -(-len(blobs) // max(threads, 1)) or 1
+    slices = [blobs[start : start + step] for start in range(0, len(blobs), step)]
+    if len(slices) < 2:
+        return [decode_one(blob, size, max_pixels) for blob in blobs]
+    with ThreadPoolExecutor(len(slices)) as pool:
+        done = pool.map(lambda part: [decode_one(blob, size, max_pixels) for blob in part], slices)
+        return [result for part in done for result in part]
 
 
 def decode_one(blob: bytes | BaseException, size: int, max_pixels: int) -> tuple[str | None, object]:

@@ -101,8 +101,13 @@ def publish(fs, path: str, write: Callable) -> None:
 
 
 def write_parquet(fs, path: str, table: pa.Table) -> None:
-    """Write one parquet file through any fsspec filesystem (no pandas index: Spark reads it as is)."""
-    publish(fs, path, lambda f: pq.write_table(table, f))
+    """Write one parquet file through any fsspec filesystem (no pandas index: Spark reads it as is).
+
+    Vectors and floats are not dictionary-encoded: features never repeat, and trying a dictionary
+    on them cost 5 × the rest of writing a partition (docs/performance.md, "Feeding a GPU").
+    """
+    repeating = [field.name for field in table.schema if not (pa.types.is_nested(field.type) or pa.types.is_floating(field.type))]
+    publish(fs, path, lambda f: pq.write_table(table, f, use_dictionary=repeating))
 
 
 def write_arrow(fs, path: str, table: pa.Table) -> None:

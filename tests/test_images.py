@@ -79,3 +79,87 @@ def test_broken_bytes_raise_for_the_caller_to_record():
         decode(b"not an image", 224, LIMIT)
     with pytest.raises(OSError):
         decode(photo[: len(photo) // 3], 224, LIMIT)
+
+
+def pillow_decode(data: bytes, size: int) -> np.ndarray:
+    """What decode gave before plain JPEGs were decoded by OpenCV: Pillow all the way."""
+    from PIL import ImageOps
+
+    from pipeline.images import to_rgb
+
+    with Image.open(io.BytesIO(data)) as image:
+        image.draft(image.mode, (size, size))
+        image = to_rgb(ImageOps.exif_transpose(image))
+        if image.width > size or image.height > size:
+            image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+        return np.asarray(image)
+
+
+def noisy_photo(width: int, height: int, mode: str = "RGB") -> Image.Image:
+    """A seeded photo-like image: smooth colours with noise, so every DCT coefficient matters."""
+    rng = np.random.default_rng(width * height)
+    y, x = np.mgrid[:height, :width]
+    smooth = np.stack([x * 255 / width, y * 255 / height, (x + y) * 127 / (width + height)], axis=-1)
+    pixels = np.clip(smooth + rng.normal(0, 25, smooth.shape), 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels).convert(mode)
+
+
+@pytest.mark.parametrize("size", [32, 100, 224])
+@pytest.mark.parametrize(
+    "image, options",
+    [
+        (noisy_photo(100, 100), {"quality": 90}),
+        (noisy_photo(100, 100), {"quality": 75, "subsampling": 0}),
+        (noisy_photo(333, 251), {"quality": 95, "progressive": True}),
+        (noisy_photo(1000, 700), {"quality": 85, "subsampling": 1}),
+        (noisy_photo(97, 61, "L"), {"quality": 80}),
+    ],
+    ids=["thumbnail-4:2:0", "thumbnail-4:4:4", "progressive", "large-4:2:2", "grayscale"],
+)
+def test_plain_jpegs_decode_to_exactly_pillows_pixels(image, options, size):
+    """OpenCV decodes plain JPEGs (half the CPU), at the scale Pillow's draft chooses: the pixels are Pillow's, to the bit."""
+    data = encode(image, "JPEG", **options)
+    with Image.open(io.BytesIO(data)) as opened:
+        opened.draft(opened.mode, (size, size))
+        from pipeline.images import plain_jpeg
+
+        assert plain_jpeg(data, opened) is not None  # the fast path is the one compared
+    np.testing.assert_array_equal(decode(data, size, LIMIT), pillow_decode(data, size))
+
+
+def test_real_fruits_360_photos_decode_to_exactly_pillows_pixels():
+    photos = sorted((SAMPLE_DIR / "Training").rglob("*.jpg"))[:40]
+    for photo in photos:
+        data = photo.read_bytes()
+        for size in (32, 224):
+            np.testing.assert_array_equal(decode(data, size, LIMIT), pillow_decode(data, size))
+
+
+def test_jpegs_opencv_is_not_given_are_still_decoded_by_pillow():
+    """A rotation, CMYK, a stream cut short: Pillow's result, or Pillow's error, as before."""
+    from pipeline.images import plain_jpeg
+
+    image = noisy_photo(60, 40)
+    exif = image.getexif()
+    exif[0x0112] = 6
+    rotated, cmyk = encode(image, "JPEG", exif=exif), encode(image.convert("CMYK"), "JPEG")
+    for data in (rotated, cmyk):
+        with Image.open(io.BytesIO(data)) as opened:
+            opened.draft(opened.mode, (224, 224))
+            assert plain_jpeg(data, opened) is None
+        np.testing.assert_array_equal(decode(data, 224, LIMIT), pillow_decode(data, 224))
+    cut = encode(noisy_photo(300, 200), "JPEG")[:-700]
+    with pytest.raises(OSError, match="truncated"):
+        decode(cut, 224, LIMIT)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_a_partition_decodes_in_order_on_its_threads_with_each_failure_in_its_place(threads):
+    from pipeline.featurize import decode_all
+
+    photo = encode(noisy_photo(100, 100), "JPEG")
+    blobs = [photo, b"not an image", FileNotFoundError("gone"), photo[:500], encode(noisy_photo(40, 30), "PNG")]
+    decoded = decode_all(blobs, 224, LIMIT, threads)
+    assert [stage for stage, _ in decoded] == [None, "decode", "read", "decode", None]
+    assert decoded[0][1].shape == (100, 100, 3) and decoded[4][1].shape == (30, 40, 3)
+    assert decode_all([], 224, LIMIT, threads) == []
