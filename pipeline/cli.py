@@ -68,6 +68,30 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluation/, which described the old rows. Run it again to finish an interrupted update.",
     )
     where(incremental, input_help="fsspec URL or folder of images, a newer inventory's manifest.json or a listing file (default: the input the output was made from)")
+    photos = commands.add_parser(
+        "preprocess",
+        help="camera photos under --input → the fruit cropped square on white, 100 × 100 JPEGs under --output, for `run`",
+        description="For every photo under --input: decode at reduced scale, find the fruit (no model needed), crop a "
+        "square around it with a margin, make everything else white, resize, and write it as a JPEG under --output in the "
+        "same label/split layout, with photos.parquet (source, crop box, fruit fraction, size, EXIF time, GPS and camera), "
+        "errors.parquet (photos without a fruit found, unreadable ones) and preprocess.json. Run again, it preprocesses "
+        "only new or replaced photos and removes deleted ones' thumbnails; interrupted, it finishes what it had not done. "
+        "`run --input` that output carries the photos' details into images.parquet, and `recognize` preprocesses new "
+        "photos alike. Settings: the `preprocess` section of pipeline/pipeline.yaml.",
+    )
+    photos.add_argument("--input", help="fsspec URL or folder of photos (label folders, as for run); default: the "
+                        "input --output was preprocessed from")
+    photos.add_argument("--output", required=True, help="folder or fsspec URL for the thumbnails and their table")
+    photos.add_argument("--cluster", help=f"where to preprocess, as for run; a CPU cluster is enough (default {default('cluster')})")
+    photos.add_argument("--method", help=f"grabcut or colour (default {default('preprocess.method')})")
+    photos.add_argument("--size", help=f"thumbnail side in pixels (default {default('preprocess.size')})")
+    photos.add_argument("--margin", help=f"white space each side of the fruit, a fraction of its size (default {default('preprocess.margin')})")
+    photos.add_argument("--quality", help=f"JPEG quality of the thumbnails (default {default('preprocess.quality')})")
+    photos.add_argument("--images-per-partition", help=f"photos per Dask task (default {default('images-per-partition')})")
+    for flag, text in (("--endpoint-url", "S3 endpoint for input and output"), ("--anon", "read a public bucket without credentials")):
+        photos.add_argument(flag, help=text, **({"action": "store_true"} if flag == "--anon" else {}))
+    photos.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors")
+    photos.add_argument("--json", action="store_true", help="print the manifest as JSON on stdout instead of the summary")
     clusters = commands.add_parser("cluster", help="cluster files: plan what one would start, clean up what a killed run left")
     actions = clusters.add_subparsers(dest="action", required=True, parser_class=Parser)
     plan = actions.add_parser("plan", help="print the instances, their cost per hour and the settings of cluster files, "
@@ -193,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         return recognize_images(args, storage)
     if args.command == "serve":
         return serve_output(args, storage)
+    if args.command == "preprocess":
+        return preprocess_photos(args, storage)
     quiet = args.quiet or args.json
     say = (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr, flush=True))
     started = datetime.now(timezone.utc).isoformat()  # an update that changed nothing returns an older manifest
@@ -220,6 +246,39 @@ def main(argv: list[str] | None = None) -> int:
         print(summary(manifest) if manifest["finished"] >= started else
               f"up to date     nothing new, replaced or removed under {manifest['input']}: nothing written\n"
               f"output         {manifest['output']}")
+    return 0
+
+
+def preprocess_photos(args: argparse.Namespace, storage: dict) -> int:
+    """`pipeline preprocess`: thumbnails of every photo under --input (or of what changed); print what was done."""
+    from . import preprocess
+
+    quiet = args.quiet or args.json
+    say = (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr, flush=True))
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            settings = config.settings(input=args.input or preprocess.last_input(args.output, storage), output=args.output, cluster=args.cluster, storage_options=storage,
+                                       images_per_partition=args.images_per_partition)
+            recipe = preprocess.recipe(method=args.method, size=args.size, margin=args.margin, quality=args.quality)
+            manifest = preprocess.preprocess(settings, recipe, say=say, progress=not quiet)
+    except config.UsageError as error:
+        fail(str(error))
+    except KeyboardInterrupt:
+        fail("interrupted; the cluster was closed. Run the same command again to finish the preprocess", code=130)
+    if args.json:
+        print(json.dumps(manifest, indent=2, ensure_ascii=False, default=str))
+    elif not args.quiet:
+        counts = manifest["counts"]
+        print("\n".join([
+            f"photos listed  {counts['listed']}  (non-image files skipped: {counts['skipped_non_images']})",
+            f"preprocessed   {counts['preprocessed']}  (unchanged since the last time: {counts['unchanged']}, "
+            f"removed: {counts['removed']})",
+            f"no fruit found {counts['no_fruit']}, failed in all {counts['failed']}"
+            + (f"  (see {manifest['output']}/errors.parquet)" if counts["failed"] else ""),
+            f"photos/s       {manifest['images_per_s']:.1f} while preprocessing",
+            f"output         {manifest['output']}  (thumbnails, photos.parquet; next: python -m pipeline run --input "
+            f"{manifest['output']})",
+        ]))
     return 0
 
 

@@ -24,6 +24,7 @@ from . import config, featurize, job, listings, reduce, sink
 from .config import Settings
 from .output import RESUME_KEYS, Output
 
+FINAL_ERRORS = pa.array(["decode", "segment"])  # errors that stay until the image changes (others are tried again)
 KEPT_SETTINGS = (*(key for key in RESUME_KEYS if key not in ("input", "input_prefix")), "n_components", "pca_batch_size")  # the output's
 
 
@@ -144,7 +145,7 @@ def compare(listing: pd.DataFrame, parts: Iterable[tuple[str, pa.Table]], errors
     never all held: at a million images this holds some 12 MB above the listing, where the rows and
     a hash table of all their paths held 170. An image is redone when it is new, when its identity
     changed (replaced under the same name), or when it could not be read last time (a transient
-    failure, perhaps); one that failed to decode stays an error until it changes. Where a path is both a row and an error, the row decides.
+    failure, perhaps); one that failed to decode (or in which preprocess found no fruit) stays an error until it changes. Where a path is both a row and an error, the row decides.
     """
     listed, identities = strings(listing.path), strings(listing.identity)
     in_rows, changed = np.zeros(len(listed), bool), np.zeros(len(listed), bool)
@@ -159,7 +160,7 @@ def compare(listing: pd.DataFrame, parts: Iterable[tuple[str, pa.Table]], errors
     at = pc.index_in(listed, value_set=strings(errors.path))  # each listed path's error, or null (errors are few)
     as_error = pc.is_valid(at).to_numpy() & ~in_rows
     changed |= pc.fill_null(pc.not_equal(identities, strings(errors.identity).take(at)), True).to_numpy() & as_error
-    retried = pc.fill_null(pc.not_equal(strings(errors.stage).take(at), "decode"), False).to_numpy() & as_error
+    retried = pc.fill_null(pc.invert(pc.is_in(strings(errors.stage).take(at), value_set=FINAL_ERRORS)), False).to_numpy() & as_error
     new = ~in_rows & ~as_error
     gone |= unlisted(strings(errors.path), at, listed)
     drop = frozenset(gone) | frozenset(listed.filter(changed | retried).to_pylist())
@@ -222,7 +223,7 @@ def strings(column: pd.Series) -> pa.ChunkedArray:
     return (array if isinstance(array, pa.ChunkedArray) else pa.chunked_array([array])).cast(pa.string())
 
 
-def partitions(out: str, changes: Changes, staged: list[dict], size: int) -> list[sink.OutputPart]:
+def partitions(out: str, changes: Changes, staged: list[dict], size: int, table: str = sink.IMAGES) -> list[sink.OutputPart]:
     """The parts of the new images.parquet/, rows sorted by path across them as after a full run.
 
     Each part of the previous output keeps its range of paths and takes the new rows that sort
@@ -244,7 +245,7 @@ def partitions(out: str, changes: Changes, staged: list[dict], size: int) -> lis
         for a, b in zip(cuts, cuts[1:]):
             staged_here = tuple(path for _, _, path in spans[position(span_lasts, a, 0) : position(span_firsts, b, len(spans))])
             if name or staged_here:
-                previous = f"{out}/{sink.IMAGES}/{name}" if name else None
+                previous = f"{out}/{table}/{name}" if name else None
                 parts.append(sink.OutputPart(sink.part_name(len(parts)), staged_here, previous, dropped.get(name, frozenset()), a, b))
     return parts
 

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 import cluster
 
-from . import config, featurize, index, listings, reduce, sink, source
+from . import config, featurize, index, listings, preprocess, reduce, sink, source
 from .config import Settings, UsageError
 from .output import Output
 
@@ -89,6 +89,8 @@ def run(
     manifest = manifest_of(s, out, started, done.listed, done.skipped, weights, done, timings, featurized)
     manifest["history"] = [history_entry("run", s, manifest, listed=done.listed, featurized=done.listed,
                                          failed=len(done.errors))]
+    if made := preprocess.recorded(listing.fs, listing.root):
+        manifest["preprocess"] = made  # recognize preprocesses new photos alike
     out.commit(manifest)
     return manifest
 
@@ -171,7 +173,7 @@ def featurize_fit_write(
             pca.save(out.fs, out / f"{sink.STAGING}/{sink.PCA}")
         with stopwatch(timings, "project + write"):
             parts, n_rows = parts_of(staged)
-            written = write_output(client, parts, n_rows, out.fs, out.path, progress)
+            written = write_output(client, parts, n_rows, out.fs, out.path, progress, preprocess.details(listing.fs, listing.root))
         with stopwatch(timings, "index"):
             built = build_index(out, pca.n_components, written, say)
         return Done(staged, errors, pca, len(parts), written, workers, client.dashboard_link, listed.images, listed.skipped, built)
@@ -307,9 +309,10 @@ def redone(client, keys: set[str]) -> list[int]:
     return sorted(int(key.split("-")[1]) for key in lost)
 
 
-def write_output(client, parts: list[sink.OutputPart], n_rows: int, out_fs, out: str, progress: bool) -> int:
+def write_output(client, parts: list[sink.OutputPart], n_rows: int, out_fs, out: str, progress: bool, details=None) -> int:
     """Project each part on the kept components and write it to the new images.parquet/; returns the rows.
 
+    `details`: adds the photos' details to the rows of preprocessed images (preprocess.details).
     The projection is loaded by a task rather than scattered, so that Dask can recompute it on
     another worker if the one holding it is lost.
     """
@@ -317,7 +320,7 @@ def write_output(client, parts: list[sink.OutputPart], n_rows: int, out_fs, out:
     sink.make_folder(out_fs, final)
     projection = client.submit(reduce.projection, out_fs, f"{out}/{sink.STAGING}/{sink.PCA}", key=f"projection-{client.id}")
     futures = [
-        client.submit(sink.finish_partition, out_fs, part, final, projection, key=f"write-{part.name}-{client.id}")
+        client.submit(sink.finish_partition, out_fs, part, final, projection, details, key=f"write-{part.name}-{client.id}")
         for part in parts
     ]
     written = 0

@@ -128,13 +128,13 @@ class Output:
         except Exception as error:  # each storage backend fails its own way (no credentials, no endpoint...)
             raise UsageError(f"cannot read output {self.url}: {type(error).__name__}: {error}") from None
 
-    def parts(self) -> Iterator[tuple[str, pa.Table]]:
+    def parts(self, table: str = sink.IMAGES) -> Iterator[tuple[str, pa.Table]]:
         """The finished output's part files one by one, in name order: each name and its path and identity columns.
 
         One at a time, so that an update need not hold a million rows (sink.partitions' order: by path).
         """
         self.fs.invalidate_cache(self.path)  # an earlier command in this process may have listed an older version
-        for path in sorted(self.fs.find(self / sink.IMAGES)):
+        for path in sorted(self.fs.find(self / table)):
             with self.earlier_version():
                 table = sink.read_parquet(self.fs, path, columns=["path", "identity"])
             yield path.rsplit("/", 1)[1], table

@@ -34,7 +34,7 @@ from PIL import Image
 
 import cluster
 
-from . import config, featurize, images, index, job, reduce, sink, source
+from . import config, featurize, images, index, job, preprocess, reduce, sink, source
 from .config import UsageError
 from .output import Output
 
@@ -190,6 +190,7 @@ class Recognizer:
         self.fs, self.root, self.manifest, self.parts, self.client = fs, root, manifest, parts, client
         self.url = source.full_url(fs, root)
         self.key = model_key(manifest)
+        self.recipe = preprocess.recipe_of(manifest)  # new photos are preprocessed as the output's images were
         self.storage_options = storage_options
         self.mean, self.kept = pca.mean.astype(np.float32), pca.kept  # as the run projects (sink.finish_partition)
         self.index = index.SearchIndex.load(fs, root, manifest["finished"])
@@ -221,11 +222,21 @@ class Recognizer:
         arrays, errors = {}, {}
         for index, item in enumerate(items):
             try:
-                arrays[index] = from_array(item, size) if isinstance(item, np.ndarray) else images.decode(bytes(item), size, max_pixels)
+                arrays[index] = self.decoded(item, size, max_pixels)
             except Exception as error:  # Pillow raises many kinds for broken files
                 errors[index] = f"{type(error).__name__}: {error}"
         answered = dict(zip(arrays, self.answer(self.features(list(arrays.values())), k, exact=exact)))
         return [answered.get(index) or Answer(None, None, error=errors[index]) for index in range(len(items))]
+
+    def decoded(self, item: np.ndarray | bytes, size: int, max_pixels: int) -> np.ndarray:
+        """An image as the model is given it; a photo preprocessed first (fruit cropped on white) if the output's images were."""
+        if self.recipe is None:
+            return from_array(item, size) if isinstance(item, np.ndarray) else images.decode(bytes(item), size, max_pixels)
+        if isinstance(item, np.ndarray):
+            pixels = preprocess.prepare_array(from_array(item, max(item.shape[:2])), self.recipe)
+        else:
+            pixels = preprocess.prepare(bytes(item), self.recipe, max_pixels).pixels
+        return images.decode(preprocess.encode(pixels, self.recipe.quality), size, max_pixels)  # as `run` read it
 
     def features(self, arrays: list[np.ndarray]) -> np.ndarray:
         """The CNN features of decoded images, by the output's own featurizer, built once per process."""
@@ -401,6 +412,12 @@ def command(output: str, inputs: Sequence[str], *, to: str | None = None, neighb
         raise UsageError(f"{len(items):,} images in {len(inputs)} arguments, more than `recognize.in-process-images` "
                          f"({setting('in-process-images')}): give them as one folder or prefix to recognize them on the cluster")
     recognizer = Recognizer.load(output, storage_options)
+    if recognizer.recipe is not None:
+        if many:
+            raise UsageError(f"{recognizer.url} was made from preprocessed photos: preprocess the folder first (python -m "
+                             f"pipeline preprocess --input {inputs[0]} --output FOLDER), then recognize FOLDER")
+        say(f"photos preprocessed as {recognizer.url}'s were: the fruit found ({recognizer.recipe.method}), cropped square "
+            f"on white, {recognizer.recipe.size} × {recognizer.recipe.size}")
     s = config.settings(input=inputs[0], output=to or f"{recognizer.url}/{FOLDER}", cluster=cluster_address,
                         storage_options=storage_options)
     if many:
@@ -411,7 +428,8 @@ def command(output: str, inputs: Sequence[str], *, to: str | None = None, neighb
             say(f"dashboard: {recognizer.client.dashboard_link}")
             return recognize_folder(recognizer, listings[0], s.output, s, recognizer.client, k, progress, exact)
         return {"answers": [{"path": item.name} | dataclasses.asdict(answer)
-                            for item, answer in zip(items, answers(recognizer, items, k, exact))]}
+                            for item, answer in zip(items, answers(recognizer, items, k, exact))],
+                "preprocessed": recognizer.recipe is not None}
 
 
 def check_destination(recognizer: Recognizer, to: str, storage_options: dict) -> None:

@@ -207,17 +207,21 @@ class OutputPart:
     high: str | None = None  # None: to the last
 
 
-def finish_partition(fs, part: OutputPart, folder: str, projection: tuple[np.ndarray, np.ndarray]) -> int:
-    """Write one part into `folder`, its rows sorted by path, with their PCA projection (mean, components).
+def finish_partition(fs, part: OutputPart, folder: str, projection: tuple[np.ndarray, np.ndarray] | None,
+                     details: Callable[[pa.Table], pa.Table] | None = None) -> int:
+    """Write one part into `folder`, its rows sorted by path, with their PCA projection (mean, components) if given.
 
+    `details`: adds columns to the staged rows (the photos' details of preprocessed images).
     Returns the rows written; a part left without rows writes no file.
     """
-    mean, components = projection
     tables = [read_parquet(fs, path).replace_schema_metadata(None) for path in part.staged]
+    if details is not None:
+        tables = [details(table) for table in tables]
     if part.previous:  # projected by the previous PCA, and holding the images that changed since
-        table = read_parquet(fs, part.previous).drop_columns("pca")
+        table = read_parquet(fs, part.previous)
+        table = table.drop_columns("pca") if "pca" in table.column_names else table
         tables.append(table.filter(pc.invert(pc.is_in(table["path"], pa.array(sorted(part.drop), pa.string())))))
-    table = pa.concat_tables(tables)
+    table = pa.concat_tables(tables, promote_options="default")  # an older part may lack the photos' details
     if part.low is not None:
         table = table.filter(pc.greater_equal(table["path"], part.low))
     if part.high is not None:
@@ -225,6 +229,10 @@ def finish_partition(fs, part: OutputPart, folder: str, projection: tuple[np.nda
     table = table.sort_by("path")
     if not table.num_rows:
         return 0
+    if projection is None:
+        write_parquet(fs, f"{folder}/{part.name}", table)
+        return table.num_rows
+    mean, components = projection
     features = matrix(table["features"], mean.shape[0])
     projected = (features - mean) @ components.T
     write_parquet(fs, f"{folder}/{part.name}", table.append_column("pca", list_array(projected.astype(np.float32))))
