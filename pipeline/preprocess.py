@@ -166,6 +166,9 @@ def colour_prior(colours: str) -> np.ndarray:
         histogram += ab_histogram(rgb, fruit)
     if not histogram.sum():
         raise UsageError(f"no fruit pixels in the photos under {url} (`preprocess.colours`): give photos of fruits on white")
+    import cv2
+
+    histogram = cv2.GaussianBlur(histogram.astype(np.float32), (3, 3), 0)  # a colour next to a fruit's, under other light
     return histogram / histogram.sum()
 
 
@@ -285,6 +288,7 @@ def grabcut(rgb: np.ndarray, seed: np.ndarray, iterations: int = ITERATIONS) -> 
     mask[near > 0] = cv2.GC_PR_FGD
     mask[cv2.erode(near, kernel) > 0] = cv2.GC_FGD
     if (mask == cv2.GC_BGD).any() and ((mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)).any():
+        cv2.setRNGSeed(0)  # GrabCut's k-means starts from this thread's random numbers: the same photo, the same cut
         cv2.grabCut(np.ascontiguousarray(patch[..., ::-1]), mask, None, np.zeros((1, 65), np.float64),
                     np.zeros((1, 65), np.float64), iterations, cv2.GC_INIT_WITH_MASK)
     cut = np.isin(mask, (cv2.GC_FGD, cv2.GC_PR_FGD)).astype(np.uint8)
@@ -326,7 +330,8 @@ def thumbnail(rgb: np.ndarray, mask: np.ndarray, crop: tuple[int, int, int, int]
     window = (slice(top + pad, bottom + pad), slice(left + pad, right + pad))
     shrink = cv2.INTER_AREA if right - left > size else cv2.INTER_LINEAR
     pixels = cv2.resize(rgb[window], (size, size), interpolation=shrink).astype(np.float32)
-    alpha = cv2.resize(mask[window].astype(np.float32), (size, size), interpolation=shrink)[..., None]
+    alpha = cv2.resize(mask[window].astype(np.float32), (size, size), interpolation=shrink)
+    alpha = cv2.GaussianBlur(alpha, (3, 3), 0)[..., None]  # a soft edge, as a photo on white has
     return np.clip(pixels * alpha + 255 * (1 - alpha) + 0.5, 0, 255).astype(np.uint8)
 
 

@@ -31,5 +31,5 @@ def test_the_notebook_runs_clean_on_the_shipped_sample(tmp_path, monkeypatch):
     assert "images listed  129" in streams["stdout"] and "of each image's 5 nearest neighbours share its label" in streams["stdout"]
     assert re.search(r"^accuracy   0\.\d+ on \d+ test images", streams["stdout"], re.MULTILINE)
     pictures = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(pictures) == 6  # samples per label, explained variance, PCA scatter, neighbours, confusion matrix, timings
+    assert len(pictures) == 7  # samples per label, explained variance, PCA scatter, neighbours, confusion matrix, timings, a photo preprocessed
     assert (tmp_path / "walkthrough-output" / "report" / "report.html").exists()
