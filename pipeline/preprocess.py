@@ -497,6 +497,7 @@ def preprocess(s: "config.Settings", r: Recipe, *, say: Callable[[str], None] = 
         say(f"{out.url} is up to date")
         return base
     colour_prior(r.colours)  # a missing colours folder fails here, not on every worker
+    s = dataclasses.replace(s, images_per_partition=config.partition_size(s.images_per_partition, listed))
     with job.on_cluster(s, client, say, timings) as client:
         with job.stopwatch(timings, "preprocess"):
             staged = stage_photos(client, todo, r, s, out, progress)
