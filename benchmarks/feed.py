@@ -18,6 +18,13 @@ changes its figures little; each stage's figure is the least of --repeat passes.
     .venv/bin/python benchmarks/feed.py                                   # the 2,134 apples at image size 32
     .venv/bin/python benchmarks/feed.py --count 20000 --image-size 224
     .venv/bin/python benchmarks/feed.py --compare /path/to/other/checkout # the same, side by side with other code
+    .venv/bin/python benchmarks/feed.py --photos                          # camera photos decoded per core instead
+
+With --photos it measures what a GPU worker fed raw camera photos gets from each core: seeded
+photos of 1600 × 1200 (1.9 MP) and 4000 × 3000 (12 MP) made from the apples (a mosaic enlarged,
+with sensor noise, JPEG quality 90: some 0.6 and 2.4 MB), each decoded by pipeline.images.decode
+at the model's 224 px (JPEG's reduced scale: the floor of any preprocessing), on one thread, as
+they are and with an EXIF rotation (which Pillow decodes); photos per second per core.
 """
 from __future__ import annotations
 
@@ -49,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="another checkout of the project: run both in turn, --repeat times each, and print them side by side")
     parser.add_argument("--code", type=pathlib.Path, default=REPO, help=argparse.SUPPRESS)  # the checkout whose pipeline is measured
     parser.add_argument("--workdir", type=pathlib.Path, default=None, help="where to put made images and staged files")
+    parser.add_argument("--photos", action="store_true", help="measure camera photos decoded per core instead (see above)")
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # one pass, its figures as JSON (for --compare)
     return parser.parse_args(argv)
 
@@ -133,8 +141,64 @@ def measure(code: pathlib.Path, folder: pathlib.Path, work: pathlib.Path, args: 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+CAMERA = ((1600, 1200, 9.0), (4000, 3000, 6.0))  # width, height, noise: about 0.6 and 2.4 MB at quality 90
+
+
+def camera_photo(source: list[pathlib.Path], width: int, height: int, noise: float, seed: int, rotated: bool) -> bytes:
+    """A seeded camera-size JPEG: 12 apples in a 4 × 3 mosaic, enlarged, with sensor noise; EXIF rotation 6 if `rotated`."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    sheet = Image.new("RGB", (400, 300))
+    for i, pick in enumerate(rng.choice(len(source), 12, replace=False)):
+        with Image.open(source[pick]) as apple:
+            sheet.paste(apple.convert("RGB").resize((100, 100)), ((i % 4) * 100, (i // 4) * 100))
+    pixels = np.asarray(sheet.resize((width, height), Image.Resampling.BICUBIC), np.float32)
+    pixels = np.clip(pixels + rng.normal(0, noise, pixels.shape), 0, 255).astype(np.uint8)
+    exif = Image.Exif()
+    if rotated:
+        exif[0x0112] = 6
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "JPEG", quality=90, exif=exif)
+    return out.getvalue()
+
+
+def photo_rates(args: argparse.Namespace) -> int:
+    """Camera photos decoded at 224 px on one thread: photos/s per core, as they are and with an EXIF rotation."""
+    sys.path.insert(0, str(REPO))
+    from pipeline import images
+
+    source = sorted(p for p in args.images.resolve().rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
+    print(f"camera photos decoded by pipeline.images.decode at 224 px, one thread, CPU time, least of {args.repeat} passes "
+          f"over 4 photos each (load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at the start)")
+    print("| photo | MB | as taken: ms | photos/s per core | EXIF-rotated (Pillow): ms | photos/s per core |")
+    print("|---|---|---|---|---|---|")
+    for width, height, noise in CAMERA:
+        row = []
+        for rotated in (False, True):
+            photos = [camera_photo(source, width, height, noise, seed, rotated) for seed in range(4)]
+            best = min(cpu_seconds(images.decode, photos) for _ in range(args.repeat)) / len(photos)
+            row += [best * 1e3, 1 / best]
+            size = sum(map(len, photos)) / len(photos) / 1e6
+        print(f"| {width} × {height} ({width * height / 1e6:.1f} MP) | {size:.2f} | {row[0]:.1f} | {row[1]:.1f} | {row[2]:.1f} | {row[3]:.1f} |")
+    return 0
+
+
+def cpu_seconds(decode, photos: list[bytes]) -> float:
+    """This thread's CPU seconds to decode every photo once."""
+    started = time.thread_time()
+    for data in photos:
+        decode(data, 224, 10**9)
+    return time.thread_time() - started
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.photos:
+        return photo_rates(args)
     if args.json:  # a single pass inside a fresh process (`measure`)
         sys.path.insert(0, str(args.code))
         args.workdir.mkdir(parents=True, exist_ok=True)

@@ -48,14 +48,24 @@ class Estimate:
     usd: tuple[float, float] | None  # None: no rate, or a type not in prices.yaml; 0 on this machine
 
 
-def plan(paths: list[str], images: str | None = None, output: str | None = None) -> str:
-    """One file: its plan, and its estimate with `images`; several: their estimates side by side."""
+def plan(paths: list[str], images: str | None = None, output: str | None = None,
+         preprocess: str | None = None, megapixels: str | None = None) -> str:
+    """One file: its plan, and its estimate with `images`; several: their estimates side by side.
+    With `preprocess` (a CPU cluster file) and `megapixels`: camera photos preprocessed there, then
+    featurized on each file, against everything on each file's workers (`photo_plan`)."""
     if output is not None and images is None:
         raise UsageError("--from OUTPUT gives the rate of an estimate: add --images N (how many images to plan for)")
+    if (preprocess is None) != (megapixels is None):
+        raise UsageError("--preprocess CPU_FILE and --megapixels MP go together: the cluster that would preprocess, "
+                         "and the photos' size as taken (12 for 4000 × 3000)")
+    if preprocess is not None and images is None:
+        raise UsageError("--preprocess plans N photos: add --images N")
     if images is None:
         return "\n\n".join(describe(path) for path in paths)
     n_images = positive_int("--images", images)
     rate = measured_rate(output) if output is not None else None
+    if preprocess is not None:
+        return photo_plan(preprocess, positive_number("--megapixels", megapixels), paths, n_images, rate)
     table = estimates(paths, n_images, rate)
     return table if len(paths) > 1 else f"{describe(paths[0])}\n\n{table}"
 
@@ -93,11 +103,16 @@ def estimates(paths: list[str], n_images: int, rate: Rate | None) -> str:
         notes += [f"{path}: {note}" for note in
                   [*([unlike + ": its rate is not theirs"] if unlike else []),
                    *file_notes(spec, file_rate, measured=file_rate is rate)]]
-    prices = specs.prices()
-    notes.append(f"prices: on-demand, Linux, {prices['region']}, as of {prices['as-of']} (cluster/prices.yaml); "
-                 "disks, data transfer and S3 requests not included")
     head = (f"featurizing {n_images:,} images: the featurize stage (read, decode, model) only; "
             "listing, the PCA fit and writing come after it")
+    return table_text(head, rows, notes)
+
+
+def table_text(head: str, rows: list[tuple[str, ...]], notes: list[str], spot: str = "") -> str:
+    """A heading, the table, and its notes wrapped, the prices' own last."""
+    prices = specs.prices()
+    notes = [*notes, f"prices: on-demand, Linux, {prices['region']}, as of {prices['as-of']} (cluster/prices.yaml); "
+                     f"{spot}disks, data transfer and S3 requests not included"]
     notes = [textwrap.fill(note, NOTE_WIDTH, initial_indent="  ", subsequent_indent="    ") for note in notes]
     return "\n".join([head, "", indent(columns(rows)), "", *notes])
 
@@ -245,17 +260,27 @@ def local_gpu_model() -> str:
 
 def table_row(path: str, spec: specs.Local | specs.Ec2, rate: Rate, result: Estimate, n_images: int) -> tuple[str, ...]:
     """One line of the estimates table."""
-    threads = worker_hardware(spec)[0]
-    workers = span(result.workers, str) + (f" ({count(threads, 'thread')})" if threads else "")
     if result.hours is None:
-        return (path, workers, "no measured rate" if rate.per_worker is None else "-", "?", "?", "?")
+        return (path, workers_cell(spec, result), "no measured rate" if rate.per_worker is None else "-", "?", "?", "?")
+    return (path, workers_cell(spec, result), number(rate.per_worker), *money_cells(spec, result, n_images))
+
+
+def workers_cell(spec: specs.Local | specs.Ec2, result: Estimate) -> str:
+    """`4 (8 threads)`, `1-8 (4 threads)`: the workers of an estimate and each one's threads where known."""
+    threads = worker_hardware(spec)[0]
+    return span(result.workers, str) + (f" ({count(threads, 'thread')})" if threads else "")
+
+
+def money_cells(spec: specs.Local | specs.Ec2, result: Estimate, n: int, floor: str = "") -> tuple[str, str, str]:
+    """Hours, USD and USD per million of an estimate; `floor` ("≥ ") where they are only lower bounds."""
+    if result.hours is None:
+        return "?", "?", "?"
+    hours = floor + span(result.hours, number)
     if isinstance(spec, specs.Local):
-        usd, per_million = "0 (this machine)", "0"
-    elif result.usd is None:
-        usd, per_million = "? (type not priced)", "?"
-    else:
-        usd, per_million = span(result.usd, number), span([cost / n_images * 1e6 for cost in result.usd], number)
-    return (path, workers, number(rate.per_worker), span(result.hours, number), usd, per_million)
+        return hours, "0 (this machine)", "0"
+    if result.usd is None:
+        return hours, "? (type not priced)", "?"
+    return hours, floor + span(result.usd, number), floor + span([usd / n * 1e6 for usd in result.usd], number)
 
 
 def file_notes(spec: specs.Local | specs.Ec2, rate: Rate, measured: bool) -> list[str]:
@@ -278,6 +303,142 @@ def file_notes(spec: specs.Local | specs.Ec2, rate: Rate, measured: bool) -> lis
         if hourly_prices(spec) is None:
             notes.append("an instance type not in cluster/prices.yaml: no cost")
     return notes
+
+
+# --- camera photos: preprocess on CPU workers, then featurize, against everything on the GPU workers ---------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One step of a photo plan on one cluster file: its rate per worker (an upper bound where `bound`) and estimate."""
+
+    name: str
+    path: str
+    spec: specs.Local | specs.Ec2
+    per_worker: float | None  # photos or images/s; None: neither a measured rate nor a bound
+    bound: bool  # the rate is only a bound (the workers' cores), the model's own rate not measured: hours are a floor
+    result: Estimate
+
+
+def photo_plan(cpu_file: str, megapixels: float, paths: list[str], n_photos: int, rate: Rate | None) -> str:
+    """N camera photos of `megapixels`: preprocessed on `cpu_file` then featurized on each file, against
+    everything on that file's workers (the raw photos decoded by their own vCPUs); hours and USD of each."""
+    rates = yaml.safe_load(RATES_FILE.read_text())
+    preprocess, decode, feed = rates["preprocess"], rates["decode"], rates["thumbnail-feed"]
+    prepare_per_core = per_core(preprocess, megapixels)
+    decode_per_core = per_core(decode, megapixels)
+    feed_per_core = 1000 / feed["cores-per-1000-images-per-s"]
+    cpu_spec = specs.load(cpu_file)
+    prepared = step("preprocess", cpu_file, cpu_spec, n_photos, None, cores_bound(cpu_spec, prepare_per_core), exact=True)
+    rows = [("plan", "step", "cluster file", "workers", "per worker /s", "hours", "USD", "USD per million photos")]
+    notes = [f"rate: {rate.source}"] if rate else []
+    for path in paths:
+        spec = specs.load(path)
+        unlike = rate and unlike_run(spec, rate)
+        model = rate if rate and not unlike else table_rate(spec)
+        featurized = step("featurize 100 × 100", path, spec, n_photos, model.per_worker,
+                          cores_bound(spec, feed_per_core) if worker_gpu(spec) else None)
+        everything = step(f"decode {megapixels:g} MP + featurize", path, spec, n_photos, model.per_worker,
+                          cores_bound(spec, decode_per_core))
+        rows += [
+            (f"preprocess on {cpu_file}, then featurize", *step_cells(prepared, n_photos)),
+            ("", *step_cells(featurized, n_photos)),
+            ("", "together", "", "", "", *total_cells([prepared, featurized], n_photos)),
+            (f"everything on {path}", *step_cells(everything, n_photos)),
+        ]
+        notes += [f"{path}: {note}" for note in [
+            *([unlike + ": its rate is not theirs"] if unlike else []),
+            *([model.source] if model is not rate else []),
+            *(["its GPU workers' vCPUs bound how many 100 × 100 images they feed: "
+               f"{feed_per_core:,.0f} images/s per vCPU ({feed['cores-per-1000-images-per-s']} cores per 1,000 images/s)"]
+              if worker_gpu(spec) else []),
+            f"everything: each worker's vCPUs decode the raw photos, {decode_per_core:,.1f} photos/s per vCPU at "
+            f"{megapixels:g} MP; the rate per worker is the least of that and the model's",
+        ]]
+    notes += [
+        f"preprocess: {prepare_per_core:,.2f} photos/s per core at {megapixels:g} MP ({interpolation(preprocess, megapixels)}): "
+        f"{preprocess['what']}; {preprocess['source']}",
+        f"decode: {decode['what']}; {decode['source']}",
+        f"feed: {feed['what']}; {feed['source']}",
+        "≤ a rate, ≥ hours and USD: no measured model rate for those workers, their vCPUs alone bound it (give --from OUTPUT, a run on them)",
+        "the model sees raw photos as they are when everything runs on the GPU workers: no fruit found, cropped nor "
+        "whitened, so they are recognized worse (issue 26)",
+        "instances' boot, listing, the PCA fit and writing: not included",
+    ]
+    head = (f"{n_photos:,} camera photos of {megapixels:g} MP: preprocessed on {cpu_file} (to 100 × 100), then featurized, "
+            "against everything on the GPU workers")
+    return table_text(head, rows, notes, spot="spot workers priced on demand (spot usually costs much less); ")
+
+
+def positive_number(name: str, value: str) -> float:
+    """`value` as a number above 0, or a UsageError naming the option."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = -1.0
+    if not number > 0 or number == float("inf"):
+        raise UsageError(f"`{name}` must be a number above 0, got {value!r}")
+    return number
+
+
+def per_core(entry: dict, megapixels: float) -> float:
+    """Photos/s one core manages at `megapixels`, a photo's seconds taken as linear in its megapixels between
+    (and beyond) the sizes measured."""
+    measured = sorted((float(mp), 1 / float(per_s)) for mp, per_s in entry["photos-per-s-by-megapixels"].items())
+    if len(measured) == 1:
+        (mp, seconds), = measured
+        return 1 / (seconds * megapixels / mp)
+    low, high = (measured[:2] if megapixels <= measured[0][0] else measured[-2:] if megapixels >= measured[-1][0]
+                 else next(pair for pair in zip(measured, measured[1:]) if pair[0][0] <= megapixels <= pair[1][0]))
+    seconds = low[1] + (high[1] - low[1]) * (megapixels - low[0]) / (high[0] - low[0])
+    return 1 / max(seconds, min(s for _, s in measured) * 1e-3)
+
+
+def interpolation(entry: dict, megapixels: float) -> str:
+    """How a rate at `megapixels` comes from those measured: one of them, between two, or beyond them."""
+    sizes = sorted(float(mp) for mp in entry["photos-per-s-by-megapixels"])
+    if megapixels in sizes:
+        return "measured at that size"
+    if sizes[0] < megapixels < sizes[-1]:
+        return f"between the {', '.join(f'{mp:g}' for mp in sizes)} MP measured"
+    return f"extrapolated from the {', '.join(f'{mp:g}' for mp in sizes)} MP measured"
+
+
+def cores_bound(spec: specs.Local | specs.Ec2, per_core_rate: float) -> float | None:
+    """What a worker's cores (threads, else vCPUs) manage at `per_core_rate` each; None where not known."""
+    threads = worker_hardware(spec)[0]
+    return None if threads is None else threads * per_core_rate
+
+
+def step(name: str, path: str, spec, n: int, model: float | None, bound: float | None, exact: bool = False) -> Step:
+    """A step at the least of the model's rate and the cores' bound; `exact`: the bound is the rate itself."""
+    if exact or model is None:
+        per_worker, is_bound = bound, not exact and bound is not None
+    else:
+        per_worker, is_bound = model if bound is None else min(model, bound), False
+    return Step(name, path, spec, per_worker, is_bound, estimate(spec, n, Rate(per_worker, "")))
+
+
+def step_cells(done: Step, n: int) -> tuple[str, ...]:
+    """The cells of one step: its name, file, workers, rate per worker, hours, USD, USD per million."""
+    workers = workers_cell(done.spec, done.result)
+    if done.per_worker is None:
+        return (done.name, done.path, workers, "no measured rate", "?", "?", "?")
+    return (done.name, done.path, workers, ("≤ " if done.bound else "") + number(done.per_worker),
+            *money_cells(done.spec, done.result, n, "≥ " if done.bound else ""))
+
+
+def total_cells(steps: list[Step], n: int) -> tuple[str, str, str]:
+    """Hours, USD and USD per million of steps run one after the other (fewest workers with fewest, most with most)."""
+    if any(done.result.hours is None for done in steps):
+        return "?", "?", "?"
+    floor = "≥ " if any(done.bound for done in steps) else ""
+    hours = [sum(sorted(done.result.hours)[i] for done in steps) for i in (0, 1)]
+    usd = None if any(done.result.usd is None for done in steps) else [
+        sum(sorted(done.result.usd)[i] for done in steps) for i in (0, 1)]
+    if usd is None:
+        return floor + span(hours, number), "?", "?"
+    return floor + span(hours, number), floor + span(usd, number), floor + span([u / n * 1e6 for u in usd], number)
 
 
 def count(n: float, noun: str, plural: str | None = None) -> str:

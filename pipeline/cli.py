@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--images", metavar="N", help="estimate the hours and USD of featurizing N images")
     plan.add_argument("--from", dest="rate_from", metavar="OUTPUT", help="a finished run's --output whose images/s per worker "
                       "to plan with (default: the measured rates of cluster/rates.yaml)")
+    plan.add_argument("--preprocess", metavar="CPU_FILE", help="with --megapixels and --images: N camera photos preprocessed on "
+                      "this cluster file then featurized on each FILE, against everything on FILE's workers (raw photos decoded there)")
+    plan.add_argument("--megapixels", metavar="MP", help="the photos' size as taken, for --preprocess (1.9 for 1600 × 1200, 12 for 4000 × 3000)")
     cleanup = actions.add_parser("cleanup", help="list the EC2 instances and security groups that pipeline runs left in the file's region")
     cleanup.add_argument("file", help="an EC2 cluster file (for its region)")
     cleanup.add_argument("--run", help="only this run id (printed when the run started)")
@@ -343,12 +346,12 @@ def serve_output(args: argparse.Namespace, storage: dict) -> int:
 
 
 def cluster_command(args: argparse.Namespace) -> int:
-    """`cluster plan FILE... [--images N [--from OUTPUT]]` and `cluster cleanup FILE [--run ID] [--yes]`."""
+    """`cluster plan FILE... [--images N [--from OUTPUT] [--preprocess CPU_FILE --megapixels MP]]` and `cluster cleanup FILE [--run ID] [--yes]`."""
     try:
         if args.action == "plan":
             from cluster.plan import plan
 
-            print(plan(args.file, args.images, args.rate_from))
+            print(plan(args.file, args.images, args.rate_from, args.preprocess, args.megapixels))
         else:
             from cluster.ec2 import cleanup
 

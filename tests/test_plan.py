@@ -206,6 +206,87 @@ def test_a_bad_images_count_on_the_command_line_is_one_line_and_exit_code_2():
     assert result.returncode == 2 and result.stderr == "error: `--images` must be a positive integer, got 'many'\n"
 
 
+def photo_rows(capsys, *args) -> tuple[dict[tuple[str, str], list[str]], str]:
+    """`cluster plan ARGS` with --preprocess: the rows by (step, cluster file), and the whole text on one line."""
+    assert cli.main(["cluster", "plan", *args]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("  plan  "):].split("\n\n")[0].splitlines()
+    header = re.split(r"\s{2,}", table[0].strip())
+    assert header == ["plan", "step", "cluster file", "workers", "per worker /s", "hours", "USD", "USD per million photos"]
+    starts = [table[0].index(name) for name in header]  # cells by column position: the first column is often empty
+    cells = [[line[a:b].strip() for a, b in zip(starts, starts[1:] + [None])] for line in table[1:]]
+    return {(row[1], row[2]): row[3:] for row in cells}, " ".join(out.split())
+
+
+def test_photos_preprocessed_on_cpu_workers_then_featurized_against_everything_on_the_gpu_workers(tmp_path, capsys):
+    cpu = cluster_file(tmp_path, CPU_CLUSTER)  # 3 c6i.2xlarge workers of 8 vCPUs
+    (tmp_path / "gpu").mkdir()
+    gpu = cluster_file(tmp_path / "gpu", GPU_CLUSTER.replace("minimum: 1, maximum: 4", "minimum: null, maximum: null")
+                       .replace("n-workers: 1", "n-workers: 2"))  # 2 g4dn.xlarge workers: a T4, 4 vCPUs
+    t4_run = finished_run(tmp_path, featurize_per_s=1500.0, workers=1, threads=4, start_s=0.0,
+                          devices=("GPU (NVIDIA T4), mixed_float16, tensorflow",))
+    rows, text = photo_rows(capsys, gpu, "--images", "100000000", "--from", t4_run,
+                            "--preprocess", cpu, "--megapixels", "12")
+
+    n, at_12 = 100_000_000, RATES["preprocess"]["photos-per-s-by-megapixels"][12]
+    prepare_hours = n / (8 * at_12 * 3) / 3600  # each core of each CPU worker at the measured rate
+    prepare_usd = prepare_hours * (PRICES["t3.large"]["usd-per-hour"] + 3 * PRICES["c6i.2xlarge"]["usd-per-hour"])
+    assert rows[("preprocess", cpu)] == ["3 (8 threads)", plan.number(8 * at_12), plan.number(prepare_hours),
+                                         plan.number(prepare_usd), plan.number(prepare_usd / 100)]
+    gpu_hourly = PRICES["t3.large"]["usd-per-hour"] + 2 * PRICES["g4dn.xlarge"]["usd-per-hour"]
+    feed_bound = 4 * 1000 / RATES["thumbnail-feed"]["cores-per-1000-images-per-s"]
+    featurize_hours = n / (min(1500.0, feed_bound) * 2) / 3600  # the T4 run's rate, unless its 4 vCPUs cannot feed it
+    assert rows[("featurize 100 × 100", gpu)][:3] == ["2 (4 threads)", plan.number(min(1500.0, feed_bound)),
+                                                      plan.number(featurize_hours)]
+    together = rows[("together", "")]
+    assert together[2:4] == [plan.number(prepare_hours + featurize_hours),
+                             plan.number(prepare_usd + featurize_hours * gpu_hourly)]
+    decode_bound = 4 * RATES["decode"]["photos-per-s-by-megapixels"][12]  # each vCPU decodes raw 12 MP photos
+    everything_hours = n / (min(1500.0, decode_bound) * 2) / 3600
+    assert rows[("decode 12 MP + featurize", gpu)][:4] == ["2 (4 threads)", plan.number(decode_bound),
+                                                          plan.number(everything_hours), plan.number(everything_hours * gpu_hourly)]
+    assert everything_hours > prepare_hours + featurize_hours  # a GPU worker's 4 vCPUs starve its T4 on raw photos
+    assert "≥" not in " ".join(sum(rows.values(), []))  # every rate measured: no bounds
+    assert "A STAND-IN, NOT THE PREPROCESS" in text or "benchmarks/photos.py" in text  # the preprocess rate says what it is
+    assert "featurized 1500.0 images/s" in text and "35.0 photos/s per vCPU at 12 MP" in text
+
+
+def test_gpu_workers_without_a_measured_rate_are_bounded_by_their_vcpus_and_say_so(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    rows, text = photo_rows(capsys, "cluster/ec2-gpu.yaml", "--images", "1000000",
+                            "--preprocess", "cluster/ec2-cpu.yaml", "--megapixels", "1.9")
+    featurize, everything = rows[("featurize 100 × 100", "cluster/ec2-gpu.yaml")], rows[("decode 1.9 MP + featurize", "cluster/ec2-gpu.yaml")]
+    assert featurize[0] == everything[0] == "1-8 (4 threads)"  # adaptive: from its most workers to its fewest
+    assert featurize[1].startswith("≤ ") and everything[1] == "≤ " + plan.number(4 * RATES["decode"]["photos-per-s-by-megapixels"][1.9])
+    assert all(cell.startswith("≥ ") for cell in everything[2:] + rows[("together", "")][2:])
+    assert "no measured rate for the NVIDIA T4 of g4dn.xlarge" in text and "their vCPUs alone bound it" in text
+
+
+def test_a_photos_rate_between_or_beyond_the_sizes_measured_is_linear_in_seconds_per_megapixel():
+    entry = {"photos-per-s-by-megapixels": {2: 100.0, 12: 25.0}}  # 10 ms at 2 MP, 40 ms at 12 MP: 3 ms a megapixel
+    assert plan.per_core(entry, 2) == pytest.approx(100.0) and plan.per_core(entry, 12) == pytest.approx(25.0)
+    assert plan.per_core(entry, 7) == pytest.approx(1 / 0.025)  # halfway: 25 ms
+    assert plan.per_core(entry, 22) == pytest.approx(1 / 0.070)  # beyond: the same 3 ms a megapixel
+    assert plan.per_core({"photos-per-s-by-megapixels": {12: 30.0}}, 24) == pytest.approx(15.0)  # one size: proportional
+    assert plan.interpolation(entry, 7).startswith("between") and plan.interpolation(entry, 22).startswith("extrapolated")
+    assert all("source" in RATES[key] and "what" in RATES[key] for key in ("preprocess", "decode", "thumbnail-feed"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preprocess", "cluster/ec2-cpu.yaml"], "--preprocess CPU_FILE and --megapixels MP go together"),
+    (["--megapixels", "12"], "--preprocess CPU_FILE and --megapixels MP go together"),
+    (["--images", "10", "--preprocess", "cluster/ec2-cpu.yaml", "--megapixels", "-1"], "`--megapixels` must be a number above 0"),
+    (["--images", "10", "--preprocess", "cluster/ec2-cpu.yaml", "--megapixels", "twelve"], "`--megapixels` must be a number above 0"),
+    (["--preprocess", "cluster/ec2-cpu.yaml", "--megapixels", "12"], "--preprocess plans N photos: add --images N"),
+])
+def test_preprocess_needs_megapixels_and_images(args, message, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["cluster", "plan", "cluster/ec2-gpu.yaml", *args])
+    error = capsys.readouterr().err
+    assert exited.value.code == 2 and error.startswith(f"error: {message}") and len(error.splitlines()) == 1
+
+
 @pytest.mark.slow
 def test_a_real_run_records_its_workers_and_a_plan_from_it_checks_against_its_manifest(dask_cluster, tmp_path, capsys):
     settings = pipeline.settings(input=str(SAMPLE_DIR), output=str(tmp_path / "out"), cluster=dask_cluster, weights="random")
