@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import pipeline
-from pipeline import evaluate, reduce, sink
+from pipeline import cli, evaluate, reduce, sink
 from pipeline.config import SAMPLE_DIR
 
 FILES = ["evaluation.html", "evaluation.json", "accuracy-vs-k.png", "confusion-matrix.png"]
@@ -259,23 +259,28 @@ def fruits_in_two_series(per_series):
     return labels, features, names + [f"{i}_100.jpg" for i in range(3)]
 
 
-def test_a_random_hold_out_says_so_and_offers_the_series_where_the_file_names_have_them(tmp_path):
+def evaluate_command(capsys, *args) -> str:
+    """`python -m pipeline evaluate ARGS` in this process (no Python to start): what it printed."""
+    assert cli.main(["evaluate", *args]) == 0
+    return capsys.readouterr().out
+
+
+def test_a_random_hold_out_says_so_and_offers_the_series_where_the_file_names_have_them(tmp_path, capsys):
     labels, features, names = fruits_in_two_series(10)
     output = fake_output(tmp_path / "out", labels, [None] * len(labels), features, kept=4, names=names)
 
-    result = pipeline_evaluate(str(output), "--to", str(tmp_path / "random"))
-    assert result.returncode == 0, result.stderr
+    printed = evaluate_command(capsys, str(output), "--to", str(tmp_path / "random"))
     assert "split      47 train / 16 test, a random hold-out of 25% of each label's images (seed 0), as the output has " \
-           "no Test split" in result.stdout
+           "no Test split" in printed
     note = ("note       the hold-out is random: where images come in series (frames of one fruit turning, as in "
             "Fruits-360), it tests on near-copies of training images and flatters the features; these file names hold "
             "Fruits-360's series of frames in 3 labels: `--holdout series` trains on the first and tests on the others")
-    assert note in result.stdout.splitlines()
+    assert note in printed.splitlines()
     page = (tmp_path / "random" / "evaluation.html").read_text()
     assert "a random hold-out of 25%" in page and "`--holdout series` trains on the first and tests on the others" in page
 
 
-def test_the_series_hold_out_trains_on_one_series_and_tests_on_the_other(tmp_path):
+def test_the_series_hold_out_trains_on_one_series_and_tests_on_the_other(tmp_path, capsys):
     labels, features, names = fruits_in_two_series(10)
     output = fake_output(tmp_path / "out", labels, [None] * len(labels), features, kept=4, names=names)
     images = evaluate.load(str(output))
@@ -285,18 +290,18 @@ def test_the_series_hold_out_trains_on_one_series_and_tests_on_the_other(tmp_pat
     assert all(not names[i].startswith("r_") for i in rows.train) and all(names[i].startswith("r_") for i in rows.test)
     assert (len(rows.train), len(rows.test)) == (30, 30) and "Quince" not in images.labels[np.r_[rows.train, rows.test]]
     assert rows.notes == ["left out the labels with images of one series only: Quince"]
-    result = pipeline_evaluate(str(output), "--holdout", "series", "--to", str(tmp_path / "series"))
-    assert result.returncode == 0, result.stderr
+    printed = evaluate_command(capsys, str(output), "--holdout", "series", "--to", str(tmp_path / "series"))
     assert ("split      30 train / 30 test, Fruits-360's series: trained on the first series of frames (12_100.jpg), "
-            "tested on the others (r_12_100.jpg, r2_12_100.jpg: other turns of the same fruits)") in result.stdout
-    assert "the hold-out is random" not in result.stdout
+            "tested on the others (r_12_100.jpg, r2_12_100.jpg: other turns of the same fruits)") in printed
+    assert "the hold-out is random" not in printed
 
 
-def test_a_series_hold_out_without_series_is_a_one_line_usage_error_and_a_test_split_goes_first(tmp_path):
+def test_a_series_hold_out_without_series_is_a_one_line_usage_error_and_a_test_split_goes_first(tmp_path, capsys):
     labels, features = three_fruits(10)
     output = fake_output(tmp_path / "out", labels, [None] * 30, features, kept=4)
-    result = pipeline_evaluate(str(output), "--holdout", "series")
-    assert result.returncode == 2 and result.stderr.strip() == (
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["evaluate", str(output), "--holdout", "series"])
+    assert exit.value.code == 2 and capsys.readouterr().err.strip() == (
         "error: --holdout series needs 2 labels with images of both Fruits-360 series (file names r_12_100.jpg and "
         "12_100.jpg); this output has 0: use --holdout random, or give it a Test/ folder")
     assert not (output / "evaluation").exists()
