@@ -165,7 +165,7 @@ class TreeWatch:
         self.root = psutil.Process(pid)
         self.interval = interval
         self.peak_total = 0
-        self.processes: dict[int, dict] = {}  # pid → {"name", "started", "peak", "cpu"}
+        self.processes: dict[int, dict] = {}  # pid → {"name", "started", "peak", "cpu", "samples": [(time, cpu)]}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.poll, daemon=True)
         self.thread.start()
@@ -183,10 +183,12 @@ class TreeWatch:
                 try:
                     with p.oneshot():
                         rss, cpu = p.memory_info().rss, sum(p.cpu_times()[:2])
-                        seen = self.processes.setdefault(p.pid, {"name": describe(p, self.root), "started": p.create_time(), "peak": 0})
+                        seen = self.processes.setdefault(p.pid, {"name": describe(p, self.root), "started": p.create_time(), "peak": 0,
+                                                                 "samples": []})
                 except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                     continue
                 seen["peak"], seen["cpu"] = max(seen["peak"], rss), cpu
+                seen["samples"].append((time.time(), cpu))
                 total += rss
             self.peak_total = max(self.peak_total, total)
             self.stop.wait(self.interval)
@@ -507,6 +509,33 @@ def print_data_path(runs: dict, bare: dict, cores: int) -> None:
               f"around the model, {cost * 1e3:.1f} cores per 1,000 images/s")
 
 
+def cpu_between(samples: list[tuple[float, float]], start: float, end: float) -> float:
+    """A process's CPU seconds between two moments, from its polled (time, CPU seconds) samples (interpolated)."""
+    import numpy as np
+
+    if not samples:
+        return 0.0
+    times, cpu = zip(*samples)
+    return float(np.interp(end, times, cpu) - np.interp(start, times, cpu))
+
+
+def print_data_path_cpu(run: dict, bare: dict) -> None:
+    """The data path in CPU time, which a busy machine changes little: the worker processes' CPU seconds during
+    the featurize stage, less the model's (its build in each worker and its compute per image, as the bare
+    model's process spent them), per image: cores per 1,000 images/s around the model."""
+    manifest = run.get("manifest")
+    if not manifest or "cpu_s" not in bare:
+        return
+    start, end = featurize_window(manifest)
+    workers = [p for p in run["memory"]["processes"] if p["name"].startswith("worker")]
+    used = sum(cpu_between(p["samples"], start, end) for p in workers)
+    n = manifest["counts"]["listed"]
+    model = len(workers) * bare["build_cpu_s"] + bare["cpu_s"] / bare["images"] * n
+    print(f"  in CPU time: the {len(workers)} worker processes spent {used:.1f} CPU s during the featurize stage, the model "
+          f"{model:.1f} of them (its build in each, {bare['cpu_s'] / bare['images'] * 1e3:.2f} CPU ms per image as the bare model): "
+          f"{(used - model) / n * 1e3:.2f} cores per 1,000 images/s around the model")
+
+
 def gpu_goals(run: dict, bare: dict) -> list[tuple[str, str, bool]]:
     """The GPU goals of a run from the local folder: featurize ≥ 0.8× the bare model, GPU ≥ 80% busy, the rest ≤ 20 s."""
     manifest = run["manifest"]
@@ -684,6 +713,8 @@ def main(argv: list[str] | None = None) -> int:
         print_breakdown(runs["local"], None, "pipeline from the local folder")
     if bare:
         print_data_path(runs, bare, n_workers * threads)
+        if runs.get("local"):
+            print_data_path_cpu(runs["local"], bare)
     if bare:
         print("bare model        " + ", ".join(f"{k} {v:.1f} s" for k, v in bare["timings_s"].items())
               + f", model {bare['seconds']:.1f} s; CPU seconds {runs['bare']['memory']['cpu']:.1f}")
