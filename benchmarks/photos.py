@@ -15,7 +15,7 @@ Three measurements, each printing a table (docs/photos.md holds the last ones):
     .venv/bin/python benchmarks/photos.py iou rates accuracy --work /tmp/photos-bench
 
 Everything is made under --work (composites are made once and kept there). Seeded: the same photos
-on every machine. Timings are wall time on this machine's cores as they are (say how busy).
+on every machine. Rates are CPU time of one thread, which a busy machine inflates less than wall time.
 """
 from __future__ import annotations
 
@@ -38,13 +38,13 @@ sys.path.insert(0, str(REPO))
 
 from pipeline import images, preprocess  # noqa: E402
 
-APPLES = REPO.parent / "shared" / "data" / "fruits-360-apples"
+APPLES = pathlib.Path("/work/shared/data/fruits-360-apples")
 HOLD_OUT = 10  # every 10th photo of each variety is held out of the output
 
 
 def make_photos():
     spec = importlib.util.spec_from_file_location("make_photos", REPO / "benchmarks" / "make_photos.py")
-    module = importlib.util.module_from_spec(spec)
+    module = sys.modules["make_photos"] = importlib.util.module_from_spec(spec)  # its process pool pickles its functions
     spec.loader.exec_module(module)
     return module
 
@@ -96,7 +96,27 @@ def measure_iou(folder: pathlib.Path, recipe: preprocess.Recipe, pictures: pathl
         f"{name.split('.')[0]} {np.mean(np.array(v) >= 0.85):.0%} of {len(v)}" for name, v in sorted(by_background.items())))
     if pictures:
         draw_worst(folder, sorted(found, key=lambda item: item[0])[:8], pictures / f"photos-worst-{folder.name}-{recipe.method}.png")
+        draw_before_after(folder, [row for _, row, _ in found[:4]], recipe, pictures / "photos-before-after.png")
     return lines
+
+
+def draw_before_after(folder: pathlib.Path, rows: list[dict], recipe: preprocess.Recipe, path: pathlib.Path) -> None:
+    """The first composites (not chosen) as taken, and as preprocess writes them (100 × 100, shown at 240 × 240)."""
+    sheet = Image.new("RGB", (2 * 560, ((len(rows) + 1) // 2) * 250), "white")
+    for i, row in enumerate(rows):
+        data = (folder / "photos" / row["path"]).read_bytes()
+        with Image.open(io.BytesIO(data)) as photo:
+            photo.draft("RGB", (320, 240))
+            before = photo.convert("RGB").resize((320, 240))
+        try:
+            after = Image.open(io.BytesIO(preprocess.encode(preprocess.prepare(data, recipe).pixels, recipe.quality)))
+        except preprocess.NoFruitFound:
+            after = Image.new("RGB", (100, 100), "gray")
+        x, y = (i % 2) * 560, (i // 2) * 250
+        sheet.paste(before, (x, y))
+        sheet.paste(after.resize((240, 240), Image.Resampling.NEAREST), (x + 320 + 5, y))
+    sheet.save(path)
+    print(f"before and after drawn in {path}")
 
 
 def draw_worst(folder: pathlib.Path, worst: list, path: pathlib.Path) -> None:
@@ -107,8 +127,9 @@ def draw_worst(folder: pathlib.Path, worst: list, path: pathlib.Path) -> None:
     for value, row, box in worst:
         with Image.open(folder / "photos" / row["path"]) as photo:
             scale = 320 / photo.width
+            height = round(photo.height * scale)
             photo.draft("RGB", (320, 240))
-            tile = photo.convert("RGB").resize((320, round(photo.height * scale)))
+            tile = photo.convert("RGB").resize((320, height))
         draw = ImageDraw.Draw(tile)
         draw.rectangle([int(row[k]) * scale for k in ("left", "top", "right", "bottom")], outline=(0, 255, 0), width=3)
         if box:
@@ -124,7 +145,9 @@ def draw_worst(folder: pathlib.Path, worst: list, path: pathlib.Path) -> None:
 
 
 def measure_rates(folder: pathlib.Path, recipe: preprocess.Recipe, repeat: int = 1) -> str:
-    """Per photo on one core: the reduced-scale decode alone, and the whole preprocess; medians."""
+    """CPU seconds per photo on one thread (OpenCV's own threads off): the reduced-scale decode alone, the
+    featurize stage's decode to 224 px, and the whole preprocess; medians. CPU time, not wall time: the
+    figures hold on a busy machine."""
     import cv2
 
     cv2.setNumThreads(1)
@@ -132,19 +155,19 @@ def measure_rates(folder: pathlib.Path, recipe: preprocess.Recipe, repeat: int =
     preprocess.colour_prior(recipe.colours)
     decode, whole, pipeline_decode = [], [], []
     for _ in range(repeat):
-        for data in photos:  # interleaved: both see the same load on the machine
-            started = time.perf_counter()
+        for data in photos:  # interleaved: each sees the same load on the machine; CPU time of this thread alone
+            started = time.thread_time()
             preprocess.open_photo(data, recipe.decode_size, 10**9)
-            decode.append(time.perf_counter() - started)
-            started = time.perf_counter()
+            decode.append(time.thread_time() - started)
+            started = time.thread_time()
             images.decode(data, 224, 10**9)
-            pipeline_decode.append(time.perf_counter() - started)
-            started = time.perf_counter()
+            pipeline_decode.append(time.thread_time() - started)
+            started = time.thread_time()
             try:
                 preprocess.encode(preprocess.prepare(data, recipe, 10**9).pixels, recipe.quality)
             except preprocess.NoFruitFound:
                 pass
-            whole.append(time.perf_counter() - started)
+            whole.append(time.thread_time() - started)
     with Image.open(io.BytesIO(photos[0])) as image:
         width, height = image.size
         image.draft("RGB", (recipe.decode_size, recipe.decode_size))

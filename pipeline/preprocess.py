@@ -122,7 +122,9 @@ def open_photo(data: bytes, decode_size: int, max_pixels: int) -> Photo:
             raise Image.DecompressionBombError(
                 f"{image.width} × {image.height} pixels to decode, more than the limit of {max_pixels:,} "
                 "(setting max-image-pixels); raise it if this image is expected")
-        pixels = np.asarray(images.to_rgb(ImageOps.exif_transpose(image)))
+        pixels = images.plain_jpeg(data, image)  # OpenCV's decode at the draft's scale, as the featurize stage's
+        if pixels is None:
+            pixels = np.asarray(images.to_rgb(ImageOps.exif_transpose(image)))
     return Photo(pixels, *((height, width) if turned else (width, height)), details)
 
 
