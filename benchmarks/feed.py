@@ -82,7 +82,8 @@ def one_pass(folder: pathlib.Path, work: pathlib.Path, args: argparse.Namespace)
         seconds["read"] += clock() - started
 
         started = clock()
-        decoded = featurize.decode_all(blobs, args.image_size, 89478485, args.threads) if hasattr(featurize, "decode_all") \
+        limits = featurize.images.Limits.configured() if hasattr(featurize.images, "Limits") else 89478485  # a checkout before them
+        decoded = featurize.decode_all(blobs, args.image_size, limits, args.threads) if hasattr(featurize, "decode_all") \
             else old_decode_all(featurize, blobs, args.image_size, args.threads)
         arrays = [result for stage, result in decoded if not stage]
         seconds["decode"] += clock() - started

@@ -16,6 +16,7 @@ import urllib.parse
 import warnings
 from typing import Callable, Iterator
 
+import dask.system
 from distributed import Client, LocalCluster
 from distributed.system import MEMORY_LIMIT  # this machine's memory, or its cgroup's limit
 
@@ -126,18 +127,22 @@ def on_this_machine(address: str) -> bool:
     return address == "local" or specs.is_cluster_file(address) and isinstance(specs.load(address), specs.Local)
 
 
-def local_size(n_workers: int | None, threads_per_worker: int | None, gpus: int | None = None) -> tuple[int, int]:
+def local_size(n_workers: int | None, threads_per_worker: int | None, gpus: int | None = None, *,
+               cores: int | None = None, memory: int | None = None) -> tuple[int, int]:
     """Worker processes and threads for this machine: one process per GPU, else one per 4 cores, at
     least two on two cores or more, as far as memory allows each one `MEMORY_PER_PROCESS`.
 
     Each process holds one copy of the model and runs one inference at a time on all its threads;
     its other threads read and decode the next partition meanwhile, and a second process computes
     while the first decodes (on 2 cores, 2 × 1 featurizes faster than 1 × 2: docs/performance.md).
-    With GPUs, each process drives its own GPU and its threads decode for it.
+    With GPUs, each process drives its own GPU and its threads decode for it. `cores` and `memory`
+    default to this machine's as a container sees them: its CPU affinity and quota (dask's
+    cpu_count), its cgroup's memory limit.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = cores or dask.system.cpu_count()
+    memory = memory or MEMORY_LIMIT
     gpus = local_gpus() if gpus is None else gpus
-    n_workers = n_workers or gpus or max(1, min(max(2, cores // 4), cores, MEMORY_LIMIT // MEMORY_PER_PROCESS))
+    n_workers = n_workers or gpus or max(1, min(max(2, cores // 4), cores, memory // MEMORY_PER_PROCESS))
     return n_workers, threads_per_worker or max(1, cores // n_workers)
 
 

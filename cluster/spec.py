@@ -17,12 +17,11 @@ import dask.config
 import yaml
 from dask.utils import parse_timedelta
 
-from pipeline.config import UsageError
+from pipeline.config import UsageError, is_secret
 
 PRICES_FILE = pathlib.Path(__file__).with_name("prices.yaml")
 SUFFIXES = (".yaml", ".yml")
-# Environment variable names that look like credentials: these come from the instance profile.
-SECRET_WORDS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "CREDENTIAL")
+WIDEST = {4: 16, 6: 48}  # the shortest prefix `allowed-cidr` may have, by IP version: 65,536 IPv4 addresses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,7 +191,7 @@ def check(spec: Local | Ec2, path: str) -> None:
         allowed_network(spec.allowed_cidr, path)
     if spec.ami is not None and not spec.ami.startswith(("ami-", "resolve:ssm:")):
         raise UsageError(f"{path}: `ami` must be an AMI id (ami-...) or resolve:ssm:/parameter/name, got {spec.ami!r}")
-    secret = [name for name in spec.env_vars if any(word in name.upper() for word in SECRET_WORDS)]
+    secret = [name for name in spec.env_vars if is_secret(name)]
     if secret:
         raise UsageError(
             f"{path}: `env-vars.{secret[0]}` looks like a credential; instance user-data is readable, so "
@@ -210,13 +209,16 @@ def at_least(section: Any, name: str, low: int, path: str, prefix: str = "") -> 
 
 
 def allowed_network(cidr: str, path: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    """The network admitted to the scheduler and dashboard: anything but the whole internet."""
+    """The network admitted to the scheduler and dashboard: an address, or a network no wider than
+    WIDEST (an organisation's range), never the internet at large."""
     try:
         network = ipaddress.ip_network(cidr, strict=False)
     except ValueError:
         raise UsageError(f"{path}: `allowed-cidr` must be an address or network such as 203.0.113.7/32, got {cidr!r}") from None
-    if network.prefixlen == 0:
-        raise UsageError(f"{path}: `allowed-cidr` {cidr} admits the whole internet: give your own address (x.x.x.x/32)")
+    if network.prefixlen < WIDEST[network.version]:
+        whole = " (the whole internet)" if network.prefixlen == 0 else ""
+        raise UsageError(f"{path}: `allowed-cidr` {cidr} admits {network.num_addresses:,} addresses{whole}: give your own "
+                         f"address (x.x.x.x/32) or your network, at most /{WIDEST[network.version]}")
     return network
 
 

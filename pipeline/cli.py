@@ -22,8 +22,14 @@ class Parser(argparse.ArgumentParser):
 
 
 def fail(message: str, code: int = 2):
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {config.masked(message)}", file=sys.stderr)
     sys.exit(code)
+
+
+def mask_credentials(record: logging.LogRecord) -> bool:
+    """A logging filter: the message as config.masked leaves it (a URL's password, a signature)."""
+    record.msg, record.args = config.masked(record.getMessage()), ()
+    return True
 
 
 def default(key: str) -> str:
@@ -38,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="featurize every image under --input and write features and their PCA to --output",
         description="List the images under --input, featurize them with a CNN on the Dask workers, fit an "
-        "exact IncrementalPCA on all features, and write one parquet row per image to --output, with "
+        "exact PCA on all features (from each partition's moments), and write one parquet row per image to --output, with "
         "errors.parquet, pca.npz and manifest.json beside it. Defaults come from pipeline/pipeline.yaml; "
         "DASK_PIPELINE__<KEY> variables override them, and these flags override both.",
     )
@@ -53,7 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--image-size", help=f"model input side in pixels (default {default('image-size')})")
     run.add_argument("--batch-size", help=f"images per model call; auto: 32 on a CPU, 256 on a GPU (default {default('batch-size')})")
     run.add_argument("--images-per-partition", help=f"images per Dask task, or auto: growing with the input (default {default('images-per-partition')})")
-    run.add_argument("--pca-batch-size", help=f"rows per IncrementalPCA step; default 5 × features ({default('pca-batch-size')})")
     run.add_argument("--seed", help=f"seed of random weights (default {default('seed')})")
     again = run.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="finish an interrupted run into the same --output, featurizing only what it had not")
@@ -68,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluation/, which described the old rows. Run it again to finish an interrupted update.",
     )
     where(incremental, input_help="fsspec URL or folder of images, a newer inventory's manifest.json or a listing file (default: the input the output was made from)")
+    incremental.add_argument("--pca-batch-size", help="rows per IncrementalPCA step of the new features; "
+                             f"default 5 × features ({default('pca-batch-size')})")
     photos = commands.add_parser(
         "preprocess",
         help="camera photos under --input → the fruit cropped square on white, 100 × 100 JPEGs under --output, for `run`",
@@ -205,6 +212,8 @@ def finished_output_arguments(parser: argparse.ArgumentParser, written: str, fol
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(mask_credentials)
     if args.command == "cluster":
         return cluster_command(args)
     storage = dict(dask.config.get("pipeline.storage-options") or {})
@@ -230,12 +239,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with contextlib.redirect_stdout(sys.stderr):  # stdout holds the summary or the JSON alone
             if args.command == "update":
-                manifest = incremental.update(config.settings(**common), input=args.input, say=say, progress=not quiet)
+                manifest = incremental.update(config.settings(pca_batch_size=args.pca_batch_size, **common), input=args.input,
+                                              say=say, progress=not quiet)
             else:
                 settings = config.settings(
                     input=args.input, model=args.model, weights=args.weights, n_components=args.n_components,
                     image_size=args.image_size, batch_size=args.batch_size, images_per_partition=args.images_per_partition,
-                    pca_batch_size=args.pca_batch_size, seed=args.seed, **common,
+                    seed=args.seed, **common,
                 )
                 manifest = job.run(settings, resume=args.resume, overwrite=args.overwrite, say=say, progress=not quiet)
     except config.UsageError as error:

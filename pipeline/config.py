@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import re
 from typing import Any
 
 import dask.config
@@ -13,6 +14,31 @@ SAMPLE_DIR = pathlib.Path(__file__).with_name("sample") / "fruits-360"
 BACKENDS = ("auto", "onnxruntime", "tensorflow", "jax", "torch")  # auto: onnxruntime on CPU workers, tensorflow on GPU ones
 
 dask.config.update_defaults(yaml.safe_load(DEFAULTS_FILE.read_text()))
+
+
+# The one list of what names a credential, matched within a name, case-insensitive: storage options at
+# any depth, URL query parameters (X-Amz-Signature, X-Amz-Credential, sig), a cluster file's env-vars.
+SECRET_WORDS = ("key", "secret", "token", "passw", "credential", "sig", "auth")
+URL_USER = re.compile(r"(?<=://)[^/?#@\s]+@")  # user:password@ of scheme://user:password@host
+URL_PARAMETER = re.compile(r"([?&;])([^=&#;\s]+)=([^&#;\s]*)")
+
+
+def is_secret(name: str) -> bool:
+    """True if `name` (an option, a query parameter, an environment variable) looks like it holds a credential."""
+    return any(word in str(name).lower() for word in SECRET_WORDS)
+
+
+def masked(value: Any) -> Any:
+    """`value` with every credential it holds replaced by ***: the values of secret-looking keys at any depth of
+    dicts and lists, and in any string, a URL's user:password@ and its secret-looking query parameters."""
+    if isinstance(value, dict):
+        return {k: "***" if is_secret(k) and not isinstance(v, (dict, list, tuple)) else masked(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(masked(v) for v in value)
+    if isinstance(value, str):
+        text = URL_USER.sub("***@", value)
+        return URL_PARAMETER.sub(lambda m: f"{m[1]}{m[2]}=***" if is_secret(m[2]) else m[0], text)
+    return value
 
 
 class UsageError(ValueError):
@@ -34,6 +60,7 @@ class Settings:
     extensions: tuple
     images_per_partition: int | str
     max_image_pixels: int
+    max_image_bytes: int
     model: str
     backend: str
     image_size: int
@@ -66,7 +93,7 @@ def settings(**overrides: Any) -> Settings:
         values["images_per_partition"] = "auto"
     else:
         values["images_per_partition"] = positive_int("images_per_partition", values["images_per_partition"], also="or auto")
-    for name in ("max_image_pixels", "image_size", "seed"):
+    for name in ("max_image_pixels", "max_image_bytes", "image_size", "seed"):
         values[name] = positive_int(name, values[name], allow_zero=name == "seed")
     if str(values["batch_size"]).strip().lower() == "auto":
         values["batch_size"] = "auto"

@@ -276,10 +276,10 @@ def write(scores: dict, folder: str | None = None, storage_options: dict | None 
     fs, path = source.open_url(folder or f"{scores['output']}/{sink.EVALUATION}", storage_options or {})
     sink.make_folder(fs, path)
     pngs = {name: report.png(figure) for name, figure in figures(scores).items()}
-    fs.pipe_file(f"{path}/{DOCUMENT}", (json.dumps(scores, indent=2, ensure_ascii=False) + "\n").encode())
+    sink.write_bytes(fs, f"{path}/{DOCUMENT}", (json.dumps(scores, indent=2, ensure_ascii=False) + "\n").encode())
     for name, data in pngs.items():
-        fs.pipe_file(f"{path}/{name}", data)
-    fs.pipe_file(f"{path}/{PAGE}", page(scores, pngs).encode())
+        sink.write_bytes(fs, f"{path}/{name}", data)
+    sink.write_bytes(fs, f"{path}/{PAGE}", page(scores, pngs).encode())
     return [source.full_url(fs, f"{path}/{name}") for name in (PAGE, DOCUMENT, *pngs)]
 
 

@@ -569,7 +569,7 @@ def featurize_partition(
     root: str,
     key: ModelKey,
     batch_size: int | str,
-    max_pixels: int,
+    limits: images.Limits,
     storage_options: dict,
     output_fs,
     staged_path: str,
@@ -579,11 +579,11 @@ def featurize_partition(
     seconds = {}
     started = time.perf_counter()
     rows = sink.partition_rows(output_fs, partitions, byte_range)
-    blobs = source.read_many(listing_fs, [f"{root}/{path}" for path in rows["path"]])
+    blobs = source.read_many(listing_fs, [f"{root}/{path}" for path in rows["path"]], limits.max_bytes)
     seconds["read"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    decoded = decode_all(blobs, key.image_size, max_pixels, worker_threads()[0])
+    decoded = decode_all(blobs, key.image_size, limits, worker_threads()[0])
     arrays, kept, errors = [], [], []
     for path, identity, (stage, result) in zip(rows["path"], rows["identity"], decoded):
         if stage:
@@ -602,23 +602,23 @@ def featurize_partition(
     return sink.stage_partition(output_fs, staged_path, good, features, errors, seconds) | {"device": model.device}
 
 
-def decode_all(blobs: list, size: int, max_pixels: int, threads: int) -> list[tuple[str | None, object]]:
+def decode_all(blobs: list, size: int, limits: images.Limits, threads: int) -> list[tuple[str | None, object]]:
     """decode_one of every blob, in order, on `threads` threads (decoders let go of the GIL): one task a
     thread, each a contiguous slice, as a future per image would cost about as much as decoding a thumbnail."""
     step = -(-len(blobs) // max(threads, 1)) or 1
     slices = [blobs[start : start + step] for start in range(0, len(blobs), step)]
     if len(slices) < 2:
-        return [decode_one(blob, size, max_pixels) for blob in blobs]
+        return [decode_one(blob, size, limits) for blob in blobs]
     with ThreadPoolExecutor(len(slices)) as pool:
-        done = pool.map(lambda part: [decode_one(blob, size, max_pixels) for blob in part], slices)
+        done = pool.map(lambda part: [decode_one(blob, size, limits) for blob in part], slices)
         return [result for part in done for result in part]
 
 
-def decode_one(blob: bytes | BaseException, size: int, max_pixels: int) -> tuple[str | None, object]:
+def decode_one(blob: bytes | BaseException, size: int, limits: images.Limits) -> tuple[str | None, object]:
     """(None, the decoded array), or the failed stage ("read" or "decode") and its exception."""
     if isinstance(blob, BaseException):
         return "read", blob
     try:
-        return None, images.decode(blob, size, max_pixels)
+        return None, images.decode(blob, size, limits.max_pixels, limits.formats)
     except Exception as error:  # Pillow raises many kinds for broken files; each is recorded
         return "decode", error

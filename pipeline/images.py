@@ -1,31 +1,62 @@
 """Decoding: image bytes of any common format and mode → an RGB uint8 array no larger than the model input."""
 from __future__ import annotations
 
+import dataclasses
+import functools
 import io
+import struct
 
+import dask.config
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
+from .config import UsageError
+
 WHITE = (255, 255, 255, 255)  # Fruits-360 photos are on white: transparent pixels become white too
-# The pixel limit is checked here, after JPEG's reduced-scale decoding is chosen, so that a huge
-# JPEG is decoded small instead of refused; Pillow's own check would count its full size.
-Image.MAX_IMAGE_PIXELS = None
 JPEG_END = b"\xff\xd9"  # a JPEG's last marker: a stream without it is decoded by Pillow, which says it is truncated
 
 
-def decode(data: bytes, size: int, max_pixels: int) -> np.ndarray:
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What an untrusted image may be: its bytes (checked as it is read), its formats, its pixels once drafted."""
+
+    max_bytes: int
+    max_pixels: int
+    formats: tuple[str, ...]  # Pillow's names: JPEG, PNG...
+
+    @classmethod
+    def of(cls, s) -> "Limits":
+        """The limits of a run's settings (config.Settings)."""
+        return cls(s.max_image_bytes, s.max_image_pixels, formats_for(s.extensions))
+
+    @classmethod
+    def configured(cls) -> "Limits":
+        """The limits of pipeline.yaml (and DASK_PIPELINE__* variables): for images decoded outside a run."""
+        get = dask.config.get
+        return cls(get("pipeline.max-image-bytes"), get("pipeline.max-image-pixels"), formats_for(tuple(get("pipeline.extensions"))))
+
+
+@functools.cache
+def formats_for(extensions: tuple[str, ...]) -> tuple[str, ...]:
+    """The Pillow formats that files ending in `extensions` are read as (jpg, jpeg → JPEG): no other is ever parsed."""
+    known = Image.registered_extensions()  # loads every plugin's registration
+    unknown = [e for e in extensions if f".{e.lower().lstrip('.')}" not in known]
+    if unknown:
+        raise UsageError(f"`extensions` names {', '.join(unknown)}, which Pillow cannot read: remove them or install their plugin")
+    return tuple(dict.fromkeys(known[f".{e.lower().lstrip('.')}"] for e in extensions))
+
+
+def decode(data: bytes, size: int, max_pixels: int, formats: tuple[str, ...] | None = None) -> np.ndarray:
     """The image as an H×W×3 uint8 array, EXIF rotation applied, first frame of an animation.
 
-    Images larger than `size` on a side are reduced to size × size here (JPEG decodes at reduced
-    scale), which bounds memory; smaller ones keep their size and are resized with their whole
-    batch inside the model's graph, which is cheaper than resizing them one by one. An image that
-    would still decode to more than `max_pixels` raises Image.DecompressionBombError.
+    Only `formats` are parsed (default: those of the `extensions` setting): a .jpg that is really
+    EPS never reaches Ghostscript. Images larger than `size` on a side are reduced to size × size
+    here (JPEG decodes at reduced scale), which bounds memory; smaller ones keep their size and are
+    resized with their whole batch inside the model's graph, which is cheaper than resizing them
+    one by one. An image that would still decode to more than `max_pixels` raises
+    Image.DecompressionBombError.
     """
-    try:
-        opened = Image.open(io.BytesIO(data))
-    except Image.UnidentifiedImageError:  # Pillow's message names a memory address: say what was read
-        raise Image.UnidentifiedImageError(f"not an image Pillow can read: {len(data):,} bytes, starting {data[:8]!r}") from None
-    with opened as image:
+    with opened(data, formats or Limits.configured().formats) as image:
         image.draft(image.mode, (size, size))
         if image.width * image.height > max_pixels:
             raise Image.DecompressionBombError(
@@ -66,6 +97,27 @@ def plain_jpeg(data: bytes, image: Image.Image) -> np.ndarray | None:
     if array is None or array.shape[:2] != (image.height, image.width):
         return None
     return array
+
+
+def opened(data: bytes, formats: tuple[str, ...]) -> Image.Image:
+    """`data` opened by the first of `formats` that accepts it, as Image.open(formats=...) opens it, less its pixel check.
+
+    Image.open checks the full size against the process-wide Image.MAX_IMAGE_PIXELS before
+    decode() can choose a JPEG's reduced scale; decode() checks the pixels itself, after. So the
+    pipeline needs no global change to Pillow's limit, which stays for every other user of Pillow.
+    """
+    for name in formats:
+        if name not in Image.OPEN:
+            Image.init()  # a worker given formats named elsewhere: load the plugins
+        factory, accept = Image.OPEN[name]  # the registry Image.open reads (Image.register_open)
+        accepted = accept(data[:16]) if accept else True
+        if accepted and not isinstance(accepted, str):  # a str: Pillow's reason not to
+            try:
+                return factory(io.BytesIO(data), "")
+            except (SyntaxError, IndexError, TypeError, struct.error):  # what Image.open takes for "not this format"
+                continue
+    raise Image.UnidentifiedImageError(f"not an image Pillow can read: {len(data):,} bytes, starting {data[:8]!r} "
+                                       f"(formats read: {', '.join(formats)})")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -25,7 +25,7 @@ from .config import Settings
 from .output import RESUME_KEYS, Output
 
 FINAL_ERRORS = pa.array(["decode", "segment"])  # errors that stay until the image changes (others are tried again)
-KEPT_SETTINGS = (*(key for key in RESUME_KEYS if key not in ("input", "input_prefix")), "n_components", "pca_batch_size")  # the output's
+KEPT_SETTINGS = (*(key for key in RESUME_KEYS if key not in ("input", "input_prefix")), "n_components")  # the output's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +70,8 @@ def update(
     started = datetime.now(timezone.utc)
     out = Output.at(settings.output, settings.storage_options)
     base = out.manifest()
+    if input is None and "***" in base["input"]:
+        raise UsageError(f"{out.url} was made from {base['input']}, recorded without its credentials: give --input again")
     kept = {key: base["settings"][key] for key in KEPT_SETTINGS} | {"extensions": tuple(base["settings"]["extensions"])}
     prefix = settings.input_prefix if settings.input_prefix is not None else base["settings"].get("input_prefix")
     s = dataclasses.replace(settings, **kept, input=input or base["input"], input_prefix=prefix)

@@ -20,14 +20,13 @@ from tqdm.auto import tqdm
 
 import cluster
 
-from . import config, featurize, index, listings, preprocess, reduce, sink, source
-from .config import Settings, UsageError
+from . import config, featurize, images, index, listings, preprocess, reduce, sink, source
+from .config import Settings, UsageError, masked
 from .output import Output
 
 log = logging.getLogger("pipeline")
 PACKAGES = ["dask", "distributed", "dask-ml", "scikit-learn", "keras", "tensorflow", "jax", "jaxlib", "torch", "numpy",
             "pillow", "pyarrow", "fsspec", "s3fs"]
-SECRET_OPTIONS = ("key", "secret", "token", "password")
 
 
 def run(
@@ -87,7 +86,7 @@ def run(
         log.warning(f"{s.n_components} components asked, the data has {done.pca.n_components}: kept {done.pca.n_components}")
     featurized = sum(part["images"] for part in done.staged if not part["resumed"])
     manifest = manifest_of(s, out, started, done.listed, done.skipped, weights, done, timings, featurized)
-    manifest["history"] = [history_entry("run", s, manifest, listed=done.listed, featurized=done.listed,
+    manifest["history"] = [history_entry("run", s, manifest, listed=done.listed, featurized=featurized,
                                          failed=len(done.errors))]
     if made := preprocess.recorded(listing.fs, listing.root):
         manifest["preprocess"] = made  # recognize preprocesses new photos alike
@@ -207,7 +206,7 @@ def manifest_of(s: Settings, out: Output, started: datetime, listed: int, skippe
     `listed` counts every image under the input (an update featurizes only some), `skipped` its non-image files.
     """
     spec = featurize.model_spec(s.model)
-    return {
+    return masked({
         "input": s.input,
         "output": out.url,
         "started": started.isoformat(),
@@ -220,15 +219,15 @@ def manifest_of(s: Settings, out: Output, started: datetime, listed: int, skippe
         "cluster": done.workers,
         **outcome(listed, skipped, done, timings, featurized),
         "dashboard": done.dashboard,
-    }
+    })
 
 
 def history_entry(command: str, s: Settings, manifest: dict, **counts) -> dict:
     """One command's entry in the manifest's history: when, on what, its counts, and its featurize rate and
     workers, which `cluster plan --from` reads (the rate of a run, not that of a later update of a few images)."""
-    return {"command": command, "input": s.input, "started": manifest["started"], "finished": manifest["finished"], **counts,
-            "images_per_s": manifest["images_per_s"]["featurize"], "cluster": manifest["cluster"],
-            "cluster_start_s": manifest["timings_s"].get("cluster start", 0.0)}
+    return masked({"command": command, "input": s.input, "started": manifest["started"], "finished": manifest["finished"], **counts,
+                   "images_per_s": manifest["images_per_s"]["featurize"], "cluster": manifest["cluster"],
+                   "cluster_start_s": manifest["timings_s"].get("cluster start", 0.0)})
 
 
 def outcome(listed: int, skipped: int, done: Done, timings: dict, featurized: int) -> dict:
@@ -282,7 +281,7 @@ def stage_features(client, listing, key, s: Settings, out_fs, out: str, progress
         else:
             future = client.submit(
                 featurize.featurize_partition, todo, byte_range, listing.fs, listing.root, key, s.batch_size,
-                s.max_image_pixels, s.storage_options, out_fs, staged, key=f"featurize-{index}-{client.id}",
+                images.Limits.of(s), s.storage_options, out_fs, staged, key=f"featurize-{index}-{client.id}",
                 resources=resources,
             )
         futures[future] = (index, staged, n_images)
@@ -367,13 +366,8 @@ def worker_seconds(staged: list[dict]) -> dict[str, float]:
 
 
 def public_settings(s: Settings) -> dict:
-    """The settings for the manifest, with any credential in the storage options masked."""
-    data = s.as_dict()
-    data["storage_options"] = {
-        k: ("***" if any(word in k.lower() for word in SECRET_OPTIONS) else v)
-        for k, v in s.storage_options.items()
-    }
-    return data
+    """The settings for the manifest, with every credential masked (config.masked)."""
+    return masked(s.as_dict())
 
 
 def versions() -> dict[str, str]:

@@ -110,7 +110,7 @@ class Photo:
 def open_photo(data: bytes, decode_size: int, max_pixels: int) -> Photo:
     """Decode at the smallest JPEG scale that keeps both sides ≥ decode_size (other formats at full size)."""
     try:
-        opened = Image.open(io.BytesIO(data))
+        opened = images.opened(data, images.Limits.configured().formats)  # only the formats `extensions` names
     except Image.UnidentifiedImageError:
         raise Image.UnidentifiedImageError(f"not an image Pillow can read: {len(data):,} bytes, starting {data[:8]!r}") from None
     with opened as image:

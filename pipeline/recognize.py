@@ -449,7 +449,7 @@ def answers(recognizer: Recognizer, items: list[Item], k: int, exact: bool = Fal
     """Read the items (concurrently, where each filesystem can) and recognize those that could be read."""
     blobs = []
     for fs, group in itertools.groupby(items, key=lambda item: item.fs):
-        blobs += source.read_many(fs, [item.path for item in group])
+        blobs += source.read_many(fs, [item.path for item in group], images.Limits.configured().max_bytes)
     readable = [blob for blob in blobs if not isinstance(blob, BaseException)]
     found = iter(recognizer.recognize(readable, k, exact=exact))
     return [Answer(None, None, error=f"{type(blob).__name__}: {blob}") if isinstance(blob, BaseException) else next(found)

@@ -133,8 +133,8 @@ def write(results: Results, folder: str | None = None, storage_options: dict | N
     sink.make_folder(fs, path)
     pngs = {name: png(figure) for name, figure in figures(results).items()}
     for name, data in pngs.items():
-        fs.pipe_file(f"{path}/{name}", data)
-    fs.pipe_file(f"{path}/{PAGE}", page(results, pngs).encode())
+        sink.write_bytes(fs, f"{path}/{name}", data)
+    sink.write_bytes(fs, f"{path}/{PAGE}", page(results, pngs).encode())
     return [source.full_url(fs, f"{path}/{name}") for name in (PAGE, *pngs)]
 
 

@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import source
+from .config import masked
 
 IMAGES = "images.parquet"
 ERRORS = "errors.parquet"
@@ -60,7 +61,7 @@ def part_name(index: int) -> str:
 
 def error_row(path: str, identity: str, stage: str, error: BaseException) -> dict:
     """One row of the errors table."""
-    return {"path": path, "identity": identity, "stage": stage, "error": type(error).__name__, "message": str(error)}
+    return {"path": path, "identity": identity, "stage": stage, "error": type(error).__name__, "message": masked(str(error))}
 
 
 def list_array(matrix: np.ndarray) -> pa.ListArray:
@@ -246,8 +247,12 @@ def errors_table(errors: list[dict]) -> pa.Table:
 
 def write_json(fs, path: str, data: dict) -> None:
     """Write a JSON document (the manifest) through any fsspec filesystem."""
-    text = json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n"
-    publish(fs, path, lambda f: f.write(text.encode()))
+    write_bytes(fs, path, (json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n").encode())
+
+
+def write_bytes(fs, path: str, data: bytes) -> None:
+    """Write a whole file (a picture, a page) so that it appears only complete, as every output file does."""
+    publish(fs, path, lambda f: f.write(data))
 
 
 def read_json(fs, path: str) -> dict:

@@ -194,6 +194,19 @@ def label_and_split(path: str, root_split: str | None = None) -> tuple[str, str 
     return (folders[-1] if folders else ""), split
 
 
-def read_many(fs: AbstractFileSystem, paths: list[str]) -> list[bytes | Exception]:
-    """The bytes of each path, read concurrently where the filesystem can; a failure is returned, not raised."""
-    return fs.cat_ranges(list(paths), None, None, on_error="return")
+class FileTooLarge(OSError):
+    """A file larger than the `max-image-bytes` setting: recorded as an error (stage read), not read whole."""
+
+
+def read_many(fs: AbstractFileSystem, paths: list[str], max_bytes: int | None = None) -> list[bytes | Exception]:
+    """The bytes of each path, read concurrently where the filesystem can; a failure is returned, not raised.
+
+    With `max_bytes`, at most max_bytes + 1 of each file are read (one ranged read): a larger file
+    is returned as FileTooLarge, so that a multi-GB object never fills the reader's memory.
+    """
+    paths = list(paths)
+    if max_bytes is None:
+        return fs.cat_ranges(paths, None, None, on_error="return")
+    blobs = fs.cat_ranges(paths, [0] * len(paths), [max_bytes + 1] * len(paths), on_error="return")
+    return [FileTooLarge(f"more than {max_bytes:,} bytes (setting max-image-bytes): not read; raise it if this image is expected")
+            if isinstance(blob, bytes) and len(blob) > max_bytes else blob for blob in blobs]

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import dask.config
+import dask.system
 import dockerfile
 import pytest
 
@@ -22,19 +23,34 @@ def pipeline_cli(*args):
     return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=120, cwd=REPO)
 
 
-def test_a_local_cluster_shares_the_cores_among_its_processes():
-    cores = len(os.sched_getaffinity(0))
-    n_workers, threads = cluster.local_size(None, None, gpus=0)
-    fit_in_memory = max(1, cluster.MEMORY_LIMIT // cluster.MEMORY_PER_PROCESS)
-    assert n_workers == min(max(2, cores // 4), cores, fit_in_memory)  # two on 2 cores: one computes while one decodes
-    assert n_workers * threads <= cores
-    assert cluster.local_size(2, None) == (2, max(1, cores // 2))
-    assert cluster.local_size(3, 5) == (3, 5)
+@pytest.mark.parametrize("cores, memory_gib, expected", [
+    (1, 24, (1, 1)),
+    (2, 24, (2, 1)),  # two on 2 cores: one computes while one decodes
+    (3, 24, (2, 1)),
+    (8, 24, (2, 4)),
+    (16, 24, (4, 4)),
+    (64, 256, (16, 4)),
+    (16, 6, (2, 8)),  # 3 GiB a process: memory allows two
+    (16, 2, (1, 16)),  # less than one process's worth: one all the same
+])
+def test_a_local_cluster_shares_the_cores_among_its_processes(cores, memory_gib, expected):
+    assert cluster.local_size(None, None, gpus=0, cores=cores, memory=memory_gib * 2**30) == expected
+
+
+def test_asked_sizes_are_kept_and_the_others_fill_the_cores():
+    assert cluster.local_size(2, None, gpus=0, cores=8, memory=24 * 2**30) == (2, 4)
+    assert cluster.local_size(3, 5, gpus=0, cores=8) == (3, 5)
+    assert cluster.local_size(None, 2, gpus=0, cores=16, memory=24 * 2**30) == (4, 2)
+
+
+def test_this_machines_cores_are_counted_as_a_container_sees_them():
+    """Affinity and the cgroup's CPU quota (dask's cpu_count), never more than the CPUs this process may run on."""
+    workers, threads = cluster.local_size(1, None, gpus=0)
+    assert threads == dask.system.cpu_count() <= len(os.sched_getaffinity(0))
 
 
 def test_a_local_cluster_runs_one_process_per_gpu(monkeypatch):
-    cores = len(os.sched_getaffinity(0))
-    assert cluster.local_size(None, None, gpus=2) == (2, max(1, cores // 2))
+    assert cluster.local_size(None, None, gpus=2, cores=8) == (2, 4)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,2")
     assert cluster.local_gpus() == 2
     for none in ("", "-1", "-1,0"):
@@ -124,7 +140,9 @@ def test_keys_left_out_take_their_documented_defaults(tmp_path):
         (EC2_MINIMAL.replace("g4dn.xlarge", "c6i.2xlarge"), "`workers.gpu` is true but c6i.2xlarge has no GPU"),
         (EC2_MINIMAL.replace("gpu: true", "gpu: true, maximum: 4, n-workers: 6"), "must lie between"),
         (EC2_MINIMAL.replace("gpu: true", "gpu: true, minimum: 2"), "`workers.minimum` needs `workers.maximum`"),
-        (EC2_MINIMAL + "allowed-cidr: 0.0.0.0/0\n", "admits the whole internet"),
+        (EC2_MINIMAL + "allowed-cidr: 0.0.0.0/0\n", "admits 4,294,967,296 addresses (the whole internet)"),
+        (EC2_MINIMAL + "allowed-cidr: 10.0.0.0/8\n", "admits 16,777,216 addresses: give your own address (x.x.x.x/32) or your network, at most /16"),
+        (EC2_MINIMAL + "allowed-cidr: '2001:db8::/32'\n", "at most /48"),
         (EC2_MINIMAL + "allowed-cidr: my laptop\n", "`allowed-cidr` must be an address"),
         (EC2_MINIMAL + "env-vars: {AWS_SECRET_ACCESS_KEY: abc}\n", "`env-vars.AWS_SECRET_ACCESS_KEY` looks like a credential"),
         (EC2_MINIMAL + "tags: {cost-center: 1234}\n", "`tags` must be a mapping of names to strings"),

@@ -1,5 +1,7 @@
 """Decoding: any common mode becomes 8-bit RGB; large images are reduced, small ones keep their size."""
 import io
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -7,6 +9,8 @@ from PIL import Image
 
 from pipeline.config import SAMPLE_DIR
 import pipeline
+from pipeline import images
+from pipeline.config import UsageError
 from pipeline.images import decode
 
 LIMIT = pipeline.settings().max_image_pixels
@@ -75,7 +79,7 @@ def test_exif_rotation_is_applied():
 
 def test_broken_bytes_raise_for_the_caller_to_record():
     photo = next((SAMPLE_DIR / "Training" / "Apple Golden 1").glob("*.jpg")).read_bytes()
-    with pytest.raises(Exception):
+    with pytest.raises(Image.UnidentifiedImageError, match="not an image Pillow can read: 12 bytes, starting b'not an i'"):
         decode(b"not an image", 224, LIMIT)
     with pytest.raises(OSError):
         decode(photo[: len(photo) // 3], 224, LIMIT)
@@ -159,7 +163,33 @@ def test_a_partition_decodes_in_order_on_its_threads_with_each_failure_in_its_pl
 
     photo = encode(noisy_photo(100, 100), "JPEG")
     blobs = [photo, b"not an image", FileNotFoundError("gone"), photo[:500], encode(noisy_photo(40, 30), "PNG")]
-    decoded = decode_all(blobs, 224, LIMIT, threads)
+    decoded = decode_all(blobs, 224, images.Limits.configured(), threads)
     assert [stage for stage, _ in decoded] == [None, "decode", "read", "decode", None]
     assert decoded[0][1].shape == (100, 100, 3) and decoded[4][1].shape == (30, 40, 3)
-    assert decode_all([], 224, LIMIT, threads) == []
+    assert decode_all([], 224, images.Limits.configured(), threads) == []
+
+
+def test_only_the_formats_the_extensions_name_are_parsed_whatever_the_bytes_say():
+    eps = encode(Image.new("RGB", (50, 40)), "EPS")  # what Ghostscript would be started for
+    assert images.opened(eps, ("EPS",)).format == "EPS"  # Pillow would take it for EPS from its bytes
+    with pytest.raises(Image.UnidentifiedImageError, match=r"\(formats read: JPEG, PNG, GIF, BMP, WEBP, TIFF\)$"):
+        decode(eps, 224, LIMIT)  # the default extensions: jpg, jpeg, png, gif, bmp, webp, tif, tiff
+    png = encode(Image.new("RGB", (40, 30)), "PNG")
+    with pytest.raises(Image.UnidentifiedImageError, match=r"\(formats read: JPEG\)$"):
+        decode(png, 224, LIMIT, images.formats_for(("jpg", "jpeg")))
+
+
+def test_extensions_map_to_pillow_formats_and_an_unknown_one_is_a_usage_error():
+    assert images.formats_for(("jpg", "JPEG", ".png", "tif", "tiff")) == ("JPEG", "PNG", "TIFF")
+    with pytest.raises(UsageError, match="`extensions` names heic, which Pillow cannot read"):
+        images.formats_for(("jpg", "heic"))
+
+
+def test_pillows_own_pixel_limit_is_left_to_other_users_and_a_jpeg_over_it_is_still_read_small():
+    code = "import pipeline, pipeline.job, pipeline.recognize; from PIL import Image; print(Image.MAX_IMAGE_PIXELS)"
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert int(shown) == Image.MAX_IMAGE_PIXELS == 89_478_485  # Pillow's default, for every importer of the package
+    photo = encode(Image.new("L", (20_000, 10_000), 90), "JPEG")  # over twice Pillow's limit: Image.open refuses it
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(io.BytesIO(photo))
+    assert decode(photo, 224, LIMIT).shape == (224, 224, 3)  # drafted at 1/8 scale: 2,500 × 1,250 pixels

@@ -6,6 +6,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 import pipeline
 from pipeline.config import SAMPLE_DIR
@@ -25,7 +26,11 @@ def read_rows(path, **options) -> pd.DataFrame:
 def test_a_local_folder_gives_one_row_per_image_and_one_error_per_bad_file(dask_cluster, sample_copy, tmp_path, caplog):
     (sample_copy / "Training" / "Apple Red 1" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     (sample_copy / "Training" / "notes.txt").write_text("not an image")
-    manifest = run(sample_copy, tmp_path / "out", dask_cluster, n_components=0.95)
+    with open(sample_copy / "Training" / "Apple Red 2" / "huge.jpg", "wb") as huge:
+        huge.truncate(2 * 2**20 + 1)  # over the max-image-bytes of this run (2 MiB): not read
+    eps = sample_copy / "Training" / "Apple Red 3" / "postscript.jpg"
+    Image.new("RGB", (50, 40)).save(eps, "EPS")  # named .jpg: never parsed as EPS
+    manifest = run(sample_copy, tmp_path / "out", dask_cluster, n_components=0.95, max_image_bytes=2 * 2**20)
 
     out = tmp_path / "out"
     schema = pq.read_schema(next((out / "images.parquet").glob("*.parquet")))
@@ -40,8 +45,13 @@ def test_a_local_folder_gives_one_row_per_image_and_one_error_per_bad_file(dask_
         "path": "Training/Apple Red 1/broken.jpg", "identity": f"{broken.stat().st_size}@{broken.stat().st_mtime}",
         "stage": "decode", "error": "UnidentifiedImageError", "message": "",
     }
-    assert manifest["counts"] | {"partitions": 0} == {
-        "listed": 130, "written": 129, "failed": 1, "skipped_non_images": 1, "partitions": 0, "partitions_resumed": 0,
+    assert errors[["path", "stage", "error"]].values.tolist()[1:] == [
+        ["Training/Apple Red 2/huge.jpg", "read", "FileTooLarge"],
+        ["Training/Apple Red 3/postscript.jpg", "decode", "UnidentifiedImageError"],
+    ]
+    assert errors.message[2].endswith("(formats read: JPEG, PNG, GIF, BMP, WEBP, TIFF)")
+    assert manifest["counts"] == {
+        "listed": 132, "written": 129, "failed": 3, "skipped_non_images": 1, "partitions": 1, "partitions_resumed": 0,
         "partitions_redone": 0,
     }
     assert rows.features.map(len).eq(1280).all()

@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from distributed import Client, LocalCluster
 from PIL import Image
@@ -216,7 +217,8 @@ def test_an_interrupted_run_shows_no_output_and_resumes_to_the_same_result(stop,
         held.set()
     if stop == signal.SIGINT:
         assert interrupted.returncode == 130 and "--resume" in stderr.splitlines()[-1]
-    staged = len(list((out / "_staging" / "features").glob("part-*.parquet")))
+    staged_files = list((out / "_staging" / "features").glob("part-*.parquet"))
+    staged, staged_images = len(staged_files), sum(pq.read_metadata(f).num_rows for f in staged_files)  # every image reads
     assert 3 <= staged < 33
     assert sorted(p.name for p in out.iterdir()) == ["_staging"]  # nothing that looks like an output
 
@@ -224,7 +226,10 @@ def test_an_interrupted_run_shows_no_output_and_resumes_to_the_same_result(stop,
     assert refused.returncode == 2 and "already holds an interrupted run" in refused.stderr
     resumed = subprocess.run(cli(*input, "--resume", "--json"), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    assert json.loads(resumed.stdout)["counts"]["partitions_resumed"] == staged
+    manifest = json.loads(resumed.stdout)
+    assert manifest["counts"]["partitions_resumed"] == staged
+    entry, = manifest["history"]  # what the resumed run featurized itself: the partitions it had not staged
+    assert entry["featurized"] == len(photos) - staged_images and entry["listed"] == len(photos)
     assert_same_output(out, reference)
 
 

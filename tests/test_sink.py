@@ -46,3 +46,21 @@ def test_features_are_written_without_a_dictionary_and_strings_with_one(tmp_path
     assert not any("DICTIONARY" in e for e in encodings["features.list.element"])
     assert any("DICTIONARY" in e for e in encodings["label"])
     np.testing.assert_array_equal(sink.staged_features(fs, path, 64), features)
+
+
+def test_a_file_is_published_whole_or_not_at_all(tmp_path):
+    fs, path = fsspec.filesystem("file"), f"{tmp_path}/report.html"
+    sink.write_bytes(fs, path, b"the old page")
+
+    def fails_half_way(f):
+        f.write(b"half of the new")
+        raise OSError("disk full")
+
+    try:
+        sink.publish(fs, path, fails_half_way)
+    except OSError:
+        pass
+    assert (tmp_path / "report.html").read_bytes() == b"the old page"  # what report and evaluate write is never half a file
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # no partial file left
+    sink.write_bytes(fs, path, b"the new page")
+    assert (tmp_path / "report.html").read_bytes() == b"the new page"

@@ -1,10 +1,12 @@
 """Listing: one flat listing, images by extension, label = parent folder as it is, split from the layout."""
 import hashlib
 
+import fsspec
+
 import pytest
 
 from pipeline.config import UsageError
-from pipeline.source import label_and_split, list_images, read_many
+from pipeline.source import FileTooLarge, label_and_split, list_images, read_many
 
 EXTENSIONS = ("jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff")
 
@@ -105,3 +107,18 @@ def test_reads_return_failures_in_place_instead_of_raising(s3, s3_endpoint):
     blobs = read_many(listing.fs, [first, f"{listing.root}/gone.jpg"])
     assert blobs[0][:2] == b"\xff\xd8"  # a JPEG
     assert isinstance(blobs[1], FileNotFoundError)
+
+
+def test_a_file_over_max_bytes_is_returned_as_too_large_and_read_no_further(s3, s3_endpoint, tmp_path):
+    with open(tmp_path / "huge.jpg", "wb") as huge:
+        huge.truncate(10**9)  # a 1 GB object named like a photo (sparse: no disk used)
+    (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8" + b"x" * 998)  # exactly the limit: read
+    s3.pipe_file("fruits/huge.jpg", b"x" * 1001)
+    s3.pipe_file("fruits/photo.jpg", b"x" * 1000)
+    fs = fsspec.filesystem("file")
+    local = read_many(fs, [str(tmp_path / "huge.jpg"), str(tmp_path / "photo.jpg")], max_bytes=1000)
+    remote = read_many(s3, ["fruits/huge.jpg", "fruits/photo.jpg"], max_bytes=1000)
+    for too_large, photo in (local, remote):
+        assert isinstance(too_large, FileTooLarge) and isinstance(too_large, OSError)
+        assert str(too_large) == "more than 1,000 bytes (setting max-image-bytes): not read; raise it if this image is expected"
+        assert len(photo) == 1000
