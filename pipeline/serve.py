@@ -37,6 +37,7 @@ from datetime import datetime, timezone
 
 import dask.config
 import numpy as np
+import pyarrow.compute as pc
 import yaml
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -93,16 +94,23 @@ class Version:
     """A finished output's version as the service answers from it: its recognizer and its rows' paths."""
 
     recognizer: recognize.Recognizer
-    rows: dict[str, int]  # path → row number, for the thumbnails' URLs (the rows of images.parquet's parts in order)
-    paths: np.ndarray  # row number → path, relative to the input
+    contributed: frozenset[str]  # the paths of the contributions it holds
 
     @classmethod
     def load(cls, output: str, storage_options: dict) -> "Version":
         """Load the output and warm the model, so that the first request is answered as fast as the others."""
         recognizer = recognize.Recognizer.load(output, storage_options)
-        paths = np.concatenate([table["path"].to_numpy(zero_copy_only=False) for _, table in Output.at(output, storage_options).parts()])
         recognizer.recognize([np.full((8, 8, 3), 255, np.uint8)], 1)  # builds the model once per process
-        return cls(recognizer, {str(path): row for row, path in enumerate(paths)}, paths)
+        paths = recognizer.index.rows["path"]
+        held = pc.filter(paths, pc.starts_with(paths, f"{setting('contributions')}/"))
+        return cls(recognizer, frozenset(held.to_pylist()))
+
+    def path(self, row: int) -> str:
+        """The path of a row of the output (its id in the index), relative to the input."""
+        rows = self.recognizer.index.rows
+        if not 0 <= row < rows.num_rows:
+            raise Refused(404, f"no row {row}: the output has rows 0 to {rows.num_rows - 1}")
+        return rows["path"][row].as_py()
 
     @property
     def name(self) -> str:
@@ -167,7 +175,7 @@ def refusal(error: str) -> Refused:
         return Refused(413, f"too many pixels: {message}")
     if kind == "UnidentifiedImageError":
         return Refused(415, f"not an image: {message}")
-    if "format" in message.lower() and ("allow" in message.lower() or "not one of" in message.lower()):
+    if "format" in kind.lower() or "format" in message.lower() and ("allow" in message.lower() or "not one of" in message.lower()):
         return Refused(415, f"wrong format: {message}")
     return Refused(400, f"unreadable image: {message}")
 
@@ -319,8 +327,6 @@ class Service:
 
     def thumbnail(self, row: int, version: str | None) -> bytes:
         chosen = next((v for v in (self.version, self.previous) if v is not None and v.name == version), self.version)
-        if not 0 <= row < len(chosen.paths):
-            raise Refused(404, f"no row {row}: the output has rows 0 to {len(chosen.paths) - 1}")
         return self.cached_thumbnail(chosen, row)
 
     @staticmethod
@@ -331,7 +337,7 @@ class Service:
     def cached_thumbnail(self, version: Version, row: int) -> bytes:
         key, cache = (version.name, row), self.thumbnails
         if key not in cache:
-            fs, path = self.input_file(version, str(version.paths[row]))
+            fs, path = self.input_file(version, version.path(row))
             try:
                 data = fs.cat_file(path)
             except FileNotFoundError:
@@ -385,7 +391,7 @@ class Service:
             return 0
         root = self.input_file(version, "")[1].rstrip("/") + "/"
         relative = [path[len(root):] for path in found if path.startswith(root)]
-        return sum(path.lower().endswith(extensions) and path not in version.rows for path in relative)
+        return sum(path.lower().endswith(extensions) and path not in version.contributed for path in relative)
 
     def update_once(self) -> bool:
         """Run `update` in another process if contributions wait; True when it made a new version."""
