@@ -216,15 +216,15 @@ def photo_format(data: bytes, size: int, max_pixels: int) -> tuple[str, dict]:
     """The extension to store a contributed photo under, and its EXIF details; refused unless the pipeline decodes it."""
     try:
         images.decode(data, size, max_pixels)  # the pipeline's own checks: what it could not read, it is not given
-        with Image.open(io.BytesIO(data)) as image:
+        with images.opened(data, images.Limits.configured().formats) as image:
             return FORMATS.get(image.format, ""), exif_details(image)
     except Exception as error:
         raise refusal(f"{type(error).__name__}: {error}") from None
 
 
 def thumbnail(data: bytes, side: int, max_pixels: int) -> bytes:
-    """A JPEG of at most side × side pixels, its aspect kept."""
-    with Image.open(io.BytesIO(data)) as image:
+    """A JPEG of at most side × side pixels, its aspect kept; read as the pipeline reads (its formats, its pixel limit)."""
+    with images.opened(data, images.Limits.configured().formats) as image:
         image.draft("RGB", (side, side))
         if image.width * image.height > max_pixels:
             raise Image.DecompressionBombError(f"{image.width} × {image.height} pixels")
