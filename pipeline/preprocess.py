@@ -518,7 +518,7 @@ def preprocess(s: "config.Settings", r: Recipe, *, say: Callable[[str], None] = 
         "counts": {"listed": listed, "preprocessed": done - sum(len(part["errors"]) for part in staged), "written": written,
                    "no_fruit": sum(e["stage"] == "segment" for e in errors), "failed": len(errors),
                    "unchanged": listed - done - len(changes.kept_errors), "removed": changes.removed,
-                   "skipped_non_images": listing.skipped},
+                   "skipped_non_images": listing.skipped, "partitions_resumed": sum(part["resumed"] for part in staged)},
         "timings_s": timings, "worker_seconds": job.worker_seconds(staged),
         "images_per_s": done / timings["preprocess"] if done and timings.get("preprocess") else 0.0,
         "cluster": workers,
