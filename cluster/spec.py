@@ -70,6 +70,7 @@ class Ec2:
     subnet: str | None = None
     security_group: str | None = None
     allowed_cidr: str | None = None
+    private_ip: bool = False  # the client reaches the scheduler at its private address; no public addresses
     key_name: str | None = None
     scheduler_port: int = 8786
     dashboard_port: int = 8787

@@ -110,10 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--preprocess", metavar="CPU_FILE", help="with --megapixels and --images: N camera photos preprocessed on "
                       "this cluster file then featurized on each FILE, against everything on FILE's workers (raw photos decoded there)")
     plan.add_argument("--megapixels", metavar="MP", help="the photos' size as taken, for --preprocess (1.9 for 1600 × 1200, 12 for 4000 × 3000)")
-    cleanup = actions.add_parser("cleanup", help="list the EC2 instances and security groups that pipeline runs left in the file's region")
+    cleanup = actions.add_parser("cleanup", help="list what pipeline runs left in the file's region (instances, security "
+                                 "groups, TLS secrets), run by run, and which are kept because a live client may own them")
     cleanup.add_argument("file", help="an EC2 cluster file (for its region)")
     cleanup.add_argument("--run", help="only this run id (printed when the run started)")
-    cleanup.add_argument("--yes", action="store_true", help="terminate and delete them")
+    cleanup.add_argument("--yes", action="store_true", help="remove the runs not kept (with --run: that run, whatever its state)")
     report = commands.add_parser(
         "report",
         help="pictures of a finished run: PNG files and one self-contained HTML page",

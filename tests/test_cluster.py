@@ -203,3 +203,7 @@ def test_the_dockerfile_parses_and_builds_tensorflow_gpu_plus_this_package_at_py
         assert pins()[name.lower()] == version, name
     copied = {c.value[0] for c in commands if c.cmd == "COPY"}
     assert {"pyproject.toml", "pipeline", "cluster"} <= copied
+    users = [c.value[0] for c in commands if c.cmd == "USER"]
+    assert users and users[-1] not in ("root", "0")  # the containers run as an unprivileged user
+    assert commands[-1].cmd in ("USER", "WORKDIR") and commands.index(next(c for c in commands if c.cmd == "USER")) > \
+        max(i for i, c in enumerate(commands) if c.cmd == "RUN" and "pip install" in c.value[0])
