@@ -19,7 +19,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -126,10 +125,16 @@ def keras_cache_file(model: str) -> str:
     return os.path.join(home, "models", MODELS[model].imagenet_file.rsplit("/", 1)[1])
 
 
+# The MD5 of the no-top ImageNet files where Keras publishes one (keras.applications.resnet's
+# WEIGHTS_HASHES; MobileNetV2's has none): a download that differs is refused.
+IMAGENET_MD5 = {"resnet50": "4d473c1dd8becc155b73f8504c6f6626"}
+
+
 def download_imagenet_weights(model: str) -> None:
     """Download the ImageNet weights into Keras' cache unless there; without Keras, so the client starts no backend.
 
     The workers of this machine then find them there; other machines' workers download their own.
+    A file whose published hash (IMAGENET_MD5) differs is not kept: OSError.
     """
     local = keras_cache_file(model)
     if os.path.exists(local):
@@ -137,9 +142,14 @@ def download_imagenet_weights(model: str) -> None:
     os.makedirs(os.path.dirname(local), exist_ok=True)
     partial = f"{local}.{os.getpid()}.part"
     try:
+        digest = hashlib.md5(usedforsecurity=False)
         with urllib.request.urlopen(KERAS_APPLICATIONS + MODELS[model].imagenet_file, timeout=30) as response, open(partial, "wb") as f:
             while chunk := response.read(1 << 20):
                 f.write(chunk)
+                digest.update(chunk)
+        expected = IMAGENET_MD5.get(model)
+        if expected and digest.hexdigest() != expected:
+            raise OSError(f"the downloaded ImageNet weights of {model} have MD5 {digest.hexdigest()}, not the published {expected}")
         os.replace(partial, local)
     finally:
         if os.path.exists(partial):
@@ -147,22 +157,31 @@ def download_imagenet_weights(model: str) -> None:
 
 
 def imagenet_weights_file(model: str) -> str:
-    """The local path of the model's ImageNet no-top weights, downloaded once into the Keras cache."""
+    """The local path of the model's ImageNet no-top weights, downloaded once into the Keras cache (its hash checked)."""
     import keras
 
     name = MODELS[model].imagenet_file
-    return keras.utils.get_file(name.rsplit("/", 1)[1], KERAS_APPLICATIONS + name, cache_subdir="models")
+    return keras.utils.get_file(name.rsplit("/", 1)[1], KERAS_APPLICATIONS + name, cache_subdir="models",
+                                file_hash=IMAGENET_MD5.get(model))
+
+
+def weights_cache_folder() -> str:
+    """This user's folder of weights files copied from URLs ($XDG_CACHE_HOME or ~/.cache, then fruits-pipeline/weights)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "fruits-pipeline", "weights")
 
 
 def local_weights_file(url: str, storage_options: dict) -> str:
-    """A local copy of a weights file given by path or URL, kept for the life of the machine."""
+    """A local copy of a weights file given by path or URL, in this user's cache, keyed by the URL and the object's
+    identity (ETag, or size and mtime): an object replaced under the same URL is copied again."""
     fs, path = source.open_url(url, storage_options)
     if source.is_local(fs):
         return path
-    digest = hashlib.sha256(url.encode()).hexdigest()[:16]
-    local = os.path.join(tempfile.gettempdir(), "pipeline-weights", digest, os.path.basename(path))
+    identity = source.identity(fs.info(path))
+    digest = hashlib.sha256(f"{url}\n{identity}".encode()).hexdigest()[:16]
+    local = os.path.join(weights_cache_folder(), digest, os.path.basename(path))
     if not os.path.exists(local):
-        os.makedirs(os.path.dirname(local), exist_ok=True)
+        os.makedirs(os.path.dirname(local), mode=0o700, exist_ok=True)  # this user's alone
         partial = f"{local}.{os.getpid()}.part"  # worker processes of one machine may race here
         fs.get(path, partial)
         os.replace(partial, local)
