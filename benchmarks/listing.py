@@ -13,7 +13,7 @@ prefix      Puts --prefix-keys objects (empty: a listing does not read them) int
             100 folders, and lists them as `run` does: by the client alone (source.list_images), and by the workers
             (listings.partitions of a worker-listed prefix on --prefix-workers worker processes). Same rows, same order.
 
-    .venv/bin/python benchmarks/listing.py                      # 10^5, 10^6, 10^7 keys and a prefix of 10^5 (some 10 minutes)
+    .venv/bin/python benchmarks/listing.py                      # 10^5, 10^6, 10^7 keys and a prefix of 10^5 (some 15 minutes)
     .venv/bin/python benchmarks/listing.py --keys 100000 --prefix-keys 10000   # a try
 
 Disk: some 17 bytes a key (10^7: 170 MB), removed at the end unless --keep.
@@ -255,6 +255,8 @@ def prefix_runs(n: int, workers: int, work: pathlib.Path) -> dict:
     from moto.server import ThreadedMotoServer
 
     os.environ.update(AWS_ACCESS_KEY_ID="FAKEKEYLISTINGBENCH0", AWS_SECRET_ACCESS_KEY="fake/secret", AWS_DEFAULT_REGION="us-east-1")
+    import logging
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a line a request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -270,7 +272,8 @@ def prefix_runs(n: int, workers: int, work: pathlib.Path) -> dict:
     try:
         by_client = list_by(url, endpoint, "client", work)
         cluster = Cluster(work / "prefix-cluster", workers)
-        try:
+        try:  # warm workers, as the client's process is when it starts listing: each has imported the pipeline
+            cluster.client.run(lambda: __import__("pipeline.listings"))
             by_workers = list_by(url, endpoint, cluster.address, work)
         finally:
             cluster.stop()

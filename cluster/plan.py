@@ -62,12 +62,21 @@ def plan(paths: list[str], images: str | None = None, output: str | None = None,
         raise UsageError("--preprocess plans N photos: add --images N")
     if images is None:
         return "\n\n".join(describe(path) for path in paths)
-    n_images = positive_int("--images", images)
+    n_images = images_to_plan(images)
     rate = measured_rate(output) if output is not None else None
     if preprocess is not None:
         return photo_plan(preprocess, positive_number("--megapixels", megapixels), paths, n_images, rate)
     table = estimates(paths, n_images, rate)
     return table if len(paths) > 1 else f"{describe(paths[0])}\n\n{table}"
+
+
+def images_to_plan(images: str) -> int:
+    """--images: a number, or an S3 Inventory's manifest.json or a listing file whose keys are counted."""
+    from pipeline import listings
+
+    if listings.is_listing(str(images)):
+        return listings.count_keys(str(images), dict(dask.config.get("pipeline.storage-options") or {}))
+    return positive_int("--images", images)
 
 
 def describe(path: str) -> str:

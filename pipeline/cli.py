@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan = actions.add_parser("plan", help="print the instances, their cost per hour and the settings of cluster files, "
                               "and with --images what featurizing that many would take and cost; launches nothing")
     plan.add_argument("file", nargs="+", help="cluster files, e.g. cluster/ec2-gpu.yaml; several with --images: side by side")
-    plan.add_argument("--images", metavar="N", help="estimate the hours and USD of featurizing N images")
+    plan.add_argument("--images", metavar="N", help="estimate the hours and USD of featurizing N images; N may be an S3 Inventory's "
+                      "manifest.json or a listing file, whose keys are counted")
     plan.add_argument("--from", dest="rate_from", metavar="OUTPUT", help="a finished run's --output whose images/s per worker "
                       "to plan with (default: the measured rates of cluster/rates.yaml)")
     plan.add_argument("--preprocess", metavar="CPU_FILE", help="with --megapixels and --images: N camera photos preprocessed on "

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import posixpath
 import urllib.parse
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
@@ -81,15 +82,9 @@ class Spread:
     prefix: str  # only keys under it, given relative to it (as a listed prefix gives them)
     extensions: tuple[str, ...]
     version: str  # the manifest's or listing file's identity: --resume refuses another
+    estimate: int = 0  # about how many keys, before reading them (what `images-per-partition: auto` grows with)
 
     skipped = 0  # known once listed: Partitions.skipped
-
-    @property
-    def estimate(self) -> int:
-        """About how many images, from the data files' sizes, before reading them (for `images-per-partition: auto`)."""
-        if not self.files or isinstance(self.files[0], KeyRange):
-            return 0  # a prefix's size is known once listed
-        return sum(f.bytes for f in self.files) // BYTES_PER_KEY[self.files[0].format]
 
     def partitions(self, client, out_fs, out: str, size: int, say=lambda message: None) -> Partitions:
         """List on the workers, `size` images a partition; data files whose paths overlap are sorted together."""
@@ -114,7 +109,6 @@ class Spread:
 
 MIN_FOLDERS = 16  # `list-on: auto` lists a prefix on the workers from this many folders at its first level
 RANGES = 64  # key ranges of a flat prefix listed on the workers
-BYTES_PER_KEY = {"csv": 40, "parquet": 30, "orc": 30}  # compressed, measured on AWS-like inventories (benchmarks/listing.py)
 
 
 def overlapping(listed: list[dict], groups: list[list[DataFile]]) -> list[list[DataFile]]:
@@ -217,7 +211,8 @@ def inventory(files_fs, path: str, storage_options: dict, extensions, prefix: st
                   for f in manifest["files"])
     fs, root = source.open_url(f"s3://{bucket}", storage_options)
     prefix = prefix.strip("/")
-    return Spread(fs, f"{root}/{prefix}" if prefix else root, files_fs, files, "inventory", prefix, extensions, version)
+    return Spread(fs, f"{root}/{prefix}" if prefix else root, files_fs, files, "inventory", prefix, extensions, version,
+                  estimated(files_fs, files))
 
 
 def destination_root(manifest_path: str, keys: list[str]) -> str:
@@ -248,7 +243,28 @@ def listing_file(files_fs, path: str, info: dict, extensions, prefix: str, versi
     folder = posixpath.dirname(path)
     prefix = prefix.strip("/")
     return Spread(files_fs, f"{folder}/{prefix}" if prefix else folder, files_fs, files, "listing file", prefix,
-                  extensions, version)
+                  extensions, version, estimated(files_fs, files))
+
+
+def estimated(files_fs, files: tuple[DataFile, ...], sample: int = 1 << 20) -> int:
+    """About how many rows the data files hold, from their sizes and the rows of the first one's first MiB (a
+    Parquet or ORC file's footer): one small read, where counting would read them all."""
+    if not files or not files[0].bytes:
+        return 0
+    first = files[0]
+    with files_fs.open(first.path, "rb") as f:
+        if first.format == "parquet":
+            meta = pq.ParquetFile(f).metadata
+            groups = first.row_groups if first.row_groups is not None else range(meta.num_row_groups)
+            rows, size = sum(meta.row_group(i).num_rows for i in groups), first.bytes
+        elif first.format == "orc":
+            from pyarrow import orc
+            rows, size = orc.ORCFile(f).nrows, first.bytes
+        else:
+            head = f.read(sample)
+            text = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(head) if first.path.endswith(".gz") else head
+            rows, size = text.count(b"\n"), len(head)
+    return int(rows / max(size, 1) * sum(f.bytes for f in files))
 
 
 def row_group_runs(meta, target: int = 64 << 20) -> Iterator[tuple[list[int], int]]:
@@ -522,3 +538,28 @@ def midpoint(low: str, high: str) -> str:
         middle, d = divmod(middle, 96)
         out.append(chr(d + 32))
     return "".join(reversed(out)).rstrip(" ")
+
+
+def count_keys(url: str, storage_options: dict) -> int:
+    """How many objects an inventory (or rows a listing file) names, for `cluster plan --images`: from the Parquet and
+    ORC footers, or by counting a CSV's lines as it streams by (memory-light; a minute or so for 10^8 keys)."""
+    spread = open_listing(url, storage_options, (), None)
+    total = 0
+    for data_file in spread.files:
+        with spread.files_fs.open(data_file.path, "rb") as f:
+            if data_file.format == "parquet":
+                meta = pq.ParquetFile(f).metadata
+                total += sum(meta.row_group(i).num_rows for i in (data_file.row_groups if data_file.row_groups is not None
+                                                                  else range(meta.num_row_groups)))
+            elif data_file.format == "orc":
+                from pyarrow import orc
+                total += orc.ORCFile(f).nrows
+            else:
+                stream = pa.PythonFile(f, mode="r")
+                if data_file.path.endswith(".gz"):
+                    stream = pa.CompressedInputStream(stream, "gzip")
+                lines = 0
+                while chunk := stream.read(16 << 20):
+                    lines += chunk.count(b"\n")
+                total += lines - (spread.kind == "listing file")  # a listing file's header
+    return total

@@ -34,6 +34,7 @@ from PIL import Image
 
 import cluster
 
+from . import listings as spread_listing
 from . import config, featurize, images, index, job, preprocess, reduce, sink, source
 from .config import UsageError
 from .output import Output
@@ -380,12 +381,15 @@ class Item:
 
 
 def listed(inputs: Sequence[str], storage_options: dict) -> tuple[list[Item], list[source.Listing]]:
-    """The images the arguments name: files as they are, folders and prefixes listed as `run` lists them."""
+    """The images the arguments name: files as they are, folders and prefixes listed as `run` lists them; an
+    inventory's manifest.json or a listing file is left to the workers to read (recognized on the cluster)."""
     items, listings = [], []
     extensions = config.settings().extensions
     for given in inputs:
         fs, path = source.open_url(given, storage_options)
-        if fs.isdir(path):
+        if spread_listing.is_listing(given) and not fs.isdir(path):
+            listings.append(spread_listing.open_listing(given, storage_options, extensions, None))
+        elif fs.isdir(path):
             listing = source.list_images(given, storage_options, extensions)
             listings.append(listing)
             items += [Item(posixpath.join(given, name), fs, f"{listing.root}/{name}") for name in listing.rows.path]
@@ -407,7 +411,7 @@ def command(output: str, inputs: Sequence[str], *, to: str | None = None, neighb
     storage_options = dict(storage_options or {})
     k = setting("neighbours", neighbours)
     items, listings = listed(inputs, storage_options)
-    many = len(items) > setting("in-process-images")
+    many = len(items) > setting("in-process-images") or any(isinstance(listing, spread_listing.Spread) for listing in listings)
     if many and not (len(inputs) == 1 and listings):
         raise UsageError(f"{len(items):,} images in {len(inputs)} arguments, more than `recognize.in-process-images` "
                          f"({setting('in-process-images')}): give them as one folder or prefix to recognize them on the cluster")

@@ -14,7 +14,7 @@ import s3fs
 from distributed import Client
 
 import pipeline
-from pipeline import config, listings, sink, source
+from pipeline import cli, config, listings, sink, source
 from pipeline.config import SAMPLE_DIR, UsageError
 
 EXTENSIONS = config.settings().extensions
@@ -232,3 +232,16 @@ def test_a_prefix_on_s3_is_listed_by_the_workers_and_a_flat_one_split_by_key_ran
     assert all(upto == after for (_, upto), (after, _) in zip(ranges, ranges[1:]))  # every key in one range
     rows, listed = worker_listed(spread, dask_cluster, tmp_path / "flat")
     assert_same_listing(rows, listed, source.list_images("s3://fruits/flat", options, EXTENSIONS))
+
+
+def test_cluster_plan_reads_the_number_of_images_from_an_inventory(tmp_path, capsys):
+    rows = [{"bucket": "camera", "key": f"photos/{n:05d}.jpg", "version_id": None, "is_latest": True, "is_delete_marker": False,
+             "size": 1, "last_modified_date": pd.Timestamp("2026-12-01", tz="UTC"), "e_tag": "e", "storage_class": "STANDARD"}
+            for n in range(1234)]
+    fs = source.open_url(str(tmp_path), {})[0]
+    for fmt in ("csv", "parquet", "orc"):
+        manifest = write_inventory(fs, str(tmp_path / fmt), rows, fmt)
+        assert listings.count_keys(manifest, {}) == 1234
+        assert abs(listings.open_listing(manifest, {}, EXTENSIONS, None).estimate - 1234) < 1234 * 0.2
+    assert cli.main(["cluster", "plan", "cluster/local.yaml", "--images", manifest]) == 0
+    assert "1,234 images" in capsys.readouterr().out

@@ -284,6 +284,13 @@ def test_a_folder_of_many_is_recognized_on_the_cluster_into_predictions_and_erro
     errors = pd.read_parquet(written / "errors.parquet")
     assert errors[["path", "stage"]].values.tolist() == [["Apple Braeburn/broken.jpg", "decode"]]
 
+    paths = sorted(str(path.relative_to(folder)) for path in folder.rglob("*.jpg"))  # a listing file: read by the workers
+    pd.DataFrame({"path": paths}).to_parquet(folder / "listing.parquet")
+    listed = recognize.command(str(output), [str(folder / "listing.parquet")], to=str(tmp_path / "listed"),
+                               cluster_address=dask_cluster, say=lambda message: None, progress=False)
+    assert (listed["images"], listed["answered"]) == (40, 39)
+    assert pd.read_parquet(tmp_path / "listed" / "predictions.parquet").path.tolist() == rows.path.tolist()
+
 
 @pytest.mark.slow
 def test_an_s3_output_recognizes_photos_in_s3_and_keeps_its_classifier_there(sample_split, s3, s3_endpoint):
