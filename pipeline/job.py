@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.metadata
+import itertools
 import logging
 import platform
 import time
@@ -27,6 +28,7 @@ from .output import Output
 log = logging.getLogger("pipeline")
 PACKAGES = ["dask", "distributed", "dask-ml", "scikit-learn", "keras", "tensorflow", "jax", "jaxlib", "torch", "numpy",
             "pillow", "pyarrow", "fsspec", "s3fs"]
+WINDOW = 2000  # featurize tasks submitted at a time, at least (see stage_features)
 
 
 def run(
@@ -273,27 +275,39 @@ def stage_features(client, listing, key, s: Settings, out_fs, out: str, progress
     listed = listings.partitions(listing, client, out_fs, out, size, say)
     say(f"{listed.images} images in {len(listed.parts)} partitions of up to {size}; non-image files skipped: "
         f"{listed.skipped} (listed in {time.perf_counter() - started:.1f} s)")
-    futures = {}
-    for index, (todo, byte_range, n_images) in enumerate(listed.parts):
+    def submit(index: int, todo: str, byte_range: tuple[int, int]):
         staged = f"{out}/{sink.STAGED}/{sink.part_name(index)}"
         if staged in done:
-            future = client.submit(sink.staged_summary, out_fs, staged, key=f"resume-{index}-{client.id}")
-        else:
-            future = client.submit(
-                featurize.featurize_partition, todo, byte_range, listing.fs, listing.root, key, s.batch_size,
-                images.Limits.of(s), s.storage_options, out_fs, staged, key=f"featurize-{index}-{client.id}",
-                resources=resources,
-            )
-        futures[future] = (index, staged, n_images)
-    featurizing = {future.key for future in futures if future.key.startswith("featurize-")}
+            return client.submit(sink.staged_summary, out_fs, staged, key=f"resume-{index}-{client.id}")
+        featurizing.add(f"featurize-{index}-{client.id}")
+        return client.submit(
+            featurize.featurize_partition, todo, byte_range, listing.fs, listing.root, key, s.batch_size,
+            images.Limits.of(s), s.storage_options, out_fs, staged, key=f"featurize-{index}-{client.id}",
+            resources=resources,
+        )
+
+    # At most `window` tasks are submitted at a time, more as they finish: the client's futures (some KB each)
+    # stay bounded however many partitions there are, and the workers always have work queued.
+    window = max(WINDOW, 8 * sum(client.nthreads().values()))
+    featurizing: set[str] = set()
+    todo = iter(enumerate(listed.parts))
     results: list[dict] = [{}] * len(listed.parts)
+    futures = {}
+    for index, (path, byte_range, n_images) in itertools.islice(todo, window):
+        futures[submit(index, path, byte_range)] = (index, n_images)
+    running = as_completed(list(futures), with_results=True)
     with progress_bar("featurize", listed.images, progress) as bar:
-        for future, result in as_completed(list(futures), with_results=True):
-            index, staged, n_images = futures.pop(future)
+        for future, result in running:
+            index, n_images = futures.pop(future)
+            staged = f"{out}/{sink.STAGED}/{sink.part_name(index)}"
             results[index] = result | {"staged": staged, "images": n_images, "resumed": staged in done}
             if result["rows"]:
                 staged_one(index, staged)
             bar.update(n_images)
+            for following, (path, byte_range, count) in itertools.islice(todo, 1):
+                future = submit(following, path, byte_range)
+                futures[future] = (following, count)
+                running.add(future)
     for index in redone(client, featurizing):
         results[index]["redone"] = True
     return results, listed
