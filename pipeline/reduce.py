@@ -208,19 +208,6 @@ class MomentsSum:
         return self.client.submit(Moments.pca, total, n_components, pure=False).result()
 
 
-def fit(features: da.Array, n_components: int | float, batch_size: int | None = None) -> Pca:
-    """The exact PCA of every row: the moments of each `batch_size` rows (None: each block of
-    `features`), added up pairwise by dask, then one eigendecomposition; keep `n_components`.
-    """
-    if batch_size:
-        features = features.rechunk({0: batch_size})
-    moments = [dask.delayed(Moments.of)(block) for block in features.rechunk({1: -1}).to_delayed().ravel()]
-    while len(moments) > 1:
-        moments = [a + b for a, b in zip(moments[::2], moments[1::2])] + moments[len(moments) // 2 * 2 :]
-    with large_graphs_allowed():
-        return dask.delayed(Moments.pca)(moments[0], n_components).compute()
-
-
 def staged_matrix(fs, paths: list[str], rows: list[int], width: int) -> da.Array:
     """All staged features as one lazy dask array, a block per staged file (read on the workers)."""
     import dask.array as da

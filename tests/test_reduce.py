@@ -39,8 +39,8 @@ def exact(vgg16) -> PCA:
 
 
 @pytest.mark.slow
-def test_fit_agrees_with_exact_pca_on_real_wide_features(vgg16, exact):
-    fitted = reduce.fit(da.from_array(vgg16, chunks=(500, -1)), 50, None)
+def test_fit_agrees_with_exact_pca_on_real_wide_features(vgg16, exact, dask_cluster, tmp_path):
+    fitted = fit(dask_cluster, tmp_path, vgg16, 50, 500)
     assert fitted.kept.shape == (50, 4608) and fitted.components.shape == (4000, 4608)  # all axes, for updates
     error, angle = disagreement(exact, fitted.explained_variance_ratio, fitted.components, 50)
     assert error < 0.01 and angle < 1.0, (error, angle)
@@ -48,10 +48,10 @@ def test_fit_agrees_with_exact_pca_on_real_wide_features(vgg16, exact):
 
 
 @pytest.mark.slow
-def test_fit_streamed_in_batches_agrees_with_exact_pca(vgg16):
+def test_fit_streamed_in_batches_agrees_with_exact_pca(vgg16, dask_cluster, tmp_path):
     features = vgg16[:, :1024]  # 4,000 rows in 4 batches of 1,024: every step incremental
     exact = PCA(n_components=50, svd_solver="full").fit(features.astype(np.float64))
-    fitted = reduce.fit(da.from_array(features, chunks=(256, -1)), 50, 1024)
+    fitted = fit(dask_cluster, tmp_path, features, 50, 1024)
     error, angle = disagreement(exact, fitted.explained_variance_ratio, fitted.components, 50)
     assert error < 0.01 and angle < 1.0, (error, angle)
 
@@ -73,10 +73,10 @@ def test_a_fraction_keeps_the_smallest_k_reaching_it():
     assert reduce.components_for(ratios, 10) == 4  # no more than the data has
 
 
-def test_fit_keeps_every_component_for_the_variance_curve_and_projects_with_k(tmp_path):
+def test_fit_keeps_every_component_for_the_variance_curve_and_projects_with_k(dask_cluster, tmp_path):
     rng = np.random.default_rng(0)
     data = (rng.standard_normal((300, 5)) @ rng.standard_normal((5, 40))).astype(np.float32)
-    fitted = reduce.fit(da.from_array(data, chunks=(64, -1)), 0.99, 60)
+    fitted = fit(dask_cluster, tmp_path / "staged", data, 0.99, 60)
     assert fitted.explained_variance_ratio.shape == (40,)
     assert fitted.n_components <= 5 and fitted.variance_kept >= 0.99
     import fsspec
@@ -89,11 +89,11 @@ def test_fit_keeps_every_component_for_the_variance_curve_and_projects_with_k(tm
 
 
 @pytest.mark.slow
-def test_five_increments_of_real_features_agree_with_a_pca_fitted_from_scratch_on_all(vgg16):
+def test_five_increments_of_real_features_agree_with_a_pca_fitted_from_scratch_on_all(vgg16, dask_cluster, tmp_path):
     features = vgg16[:, :1024]  # 1,024 of the columns keep it quick; the full width agrees as well (slower)
     exact = PCA(svd_solver="full").fit(features.astype(np.float64))
     first, *increments = np.array_split(features, 5)
-    pca = reduce.fit(da.from_array(first), 0.95, None)
+    pca = fit(dask_cluster, tmp_path, first, 0.95)
     for rows in increments:
         pca = reduce.update(pca, da.from_array(rows), 0.95, None)
     assert pca.n_samples == 4000 and pca.n_components == reduce.components_for(exact.explained_variance_ratio_, 0.95)
@@ -102,33 +102,33 @@ def test_five_increments_of_real_features_agree_with_a_pca_fitted_from_scratch_o
     np.testing.assert_allclose(pca.mean, features.mean(axis=0), rtol=1e-4, atol=1e-4)
 
 
-def test_an_update_of_fewer_rows_than_components_still_counts_every_row():
+def test_an_update_of_fewer_rows_than_components_still_counts_every_row(dask_cluster, tmp_path):
     rows = np.random.default_rng(0).normal(size=(60, 8)).astype(np.float32) * np.arange(1, 9, dtype=np.float32)
-    pca = reduce.update(reduce.fit(da.from_array(rows[:50]), 8, None), da.from_array(rows[50:53]), 8, None)
+    pca = reduce.update(fit(dask_cluster, tmp_path, rows[:50], 8), da.from_array(rows[50:53]), 8, None)
     exact = PCA(svd_solver="full").fit(rows[:53].astype(np.float64))
     assert pca.n_samples == 53
     np.testing.assert_allclose(pca.explained_variance_ratio, exact.explained_variance_ratio_, rtol=1e-5)
 
 
 @pytest.mark.slow
-def test_a_fit_on_a_cluster_prints_no_warning_of_dask_ml_by_design(dask_cluster, recwarn):
+def test_a_fit_on_a_cluster_prints_no_warning_of_dask_ml_by_design(dask_cluster, tmp_path, recwarn):
     """Its first step's 0/0 and the fitted axes carried in each step's graph (13 MB here) are expected."""
     from distributed import Client
 
     rows = np.random.default_rng(0).normal(size=(3000, 1280)).astype(np.float32)
     with Client(dask_cluster):
-        pca = reduce.fit(da.from_array(rows, chunks=(256, -1)), 10, 1500)
+        pca = fit(dask_cluster, tmp_path, rows, 10, 1500)
         pca = reduce.update(pca, da.from_array(rows[:1500], chunks=(256, -1)), 10, None)
     assert [str(w.message) for w in recwarn] == []
     assert pca.n_samples == 4500 and pca.components.shape == (1280, 1280)
 
 
-def test_an_update_after_a_fit_equals_a_fit_on_all_rows():
+def test_an_update_after_a_fit_equals_a_fit_on_all_rows(dask_cluster, tmp_path):
     """The fit saves IncrementalPCA's state: dask-ml's partial_fit goes on from it, same axes, same signs."""
     rng = np.random.default_rng(0)
     rows = (rng.standard_normal((900, 12)) @ rng.standard_normal((12, 40)) + 0.1 * rng.standard_normal((900, 40)) + 3).astype(np.float32)
-    whole = reduce.fit(da.from_array(rows, chunks=(128, -1)), 0.99)
-    updated = reduce.update(reduce.fit(da.from_array(rows[:300], chunks=(128, -1)), 0.99), da.from_array(rows[300:]), 0.99, 200)
+    whole = fit(dask_cluster, tmp_path / "whole", rows, 0.99, 128)
+    updated = reduce.update(fit(dask_cluster, tmp_path / "first", rows[:300], 0.99, 128), da.from_array(rows[300:]), 0.99, 200)
     k = whole.n_components
     assert updated.n_samples == whole.n_samples == 900 and updated.n_components == k and updated.components.shape == (40, 40)
     for field in ("explained_variance_ratio", "explained_variance", "singular_values"):
@@ -140,7 +140,7 @@ def test_an_update_after_a_fit_equals_a_fit_on_all_rows():
 
 def stage(folder: pathlib.Path, features: np.ndarray, rows_per_partition: int) -> list[str]:
     """The features staged as a run stages them, one parquet file per partition; their paths."""
-    folder.mkdir()
+    folder.mkdir(parents=True)
     paths = [str(folder / sink.part_name(index)) for index in range(-(-len(features) // rows_per_partition))]
     for index, path in enumerate(paths):
         rows = features[index * rows_per_partition : (index + 1) * rows_per_partition]
@@ -148,13 +148,21 @@ def stage(folder: pathlib.Path, features: np.ndarray, rows_per_partition: int) -
     return paths
 
 
-def fit_as_a_run_does(address: str, paths: list[str], width: int, rows_per_partition: int, order) -> reduce.Pca:
+def fit_as_a_run_does(address: str, paths: list[str], width: int, rows_per_partition: int, order,
+                      n_components: int | float = 50) -> reduce.Pca:
     """reduce.MomentsSum on a cluster, the partitions added in `order` (a run adds them as they are staged)."""
     with Client(address) as client:
         total = reduce.MomentsSum(client, fsspec.filesystem("file"), width, rows_per_partition)
         for index in order:
             total.add(index, paths[index])
-        return total.pca(50)
+        return total.pca(n_components)
+
+
+def fit(address: str, folder: pathlib.Path, rows: np.ndarray, n_components: int | float, rows_per_partition: int | None = None):
+    """The PCA a run fits of `rows`, staged `rows_per_partition` to a partition (default: one) in `folder`."""
+    size = rows_per_partition or len(rows)
+    paths = stage(folder / "partitions", rows, size)
+    return fit_as_a_run_does(address, paths, rows.shape[1], size, range(len(paths)), n_components)
 
 
 @pytest.mark.slow
