@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="mobilenet_v2")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", default="auto", help="images per model call, or auto (the pipeline's rule)")
-    parser.add_argument("--backend", default="tensorflow", choices=["tensorflow", "jax", "torch"])
+    parser.add_argument("--backend", default="tensorflow", choices=["auto", "onnxruntime", "tensorflow", "jax", "torch"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 

@@ -7,6 +7,7 @@ Checks that every run wrote every image with the same features, and prints a tab
 
     .venv/bin/python benchmarks/scaling.py                 # 4,000 images, 1 and 2 workers (several minutes)
     .venv/bin/python benchmarks/scaling.py --images 300    # a quick try
+    .venv/bin/python benchmarks/scaling.py --images 2000 --workers 1 2 1 2 --backend onnxruntime   # interleaved, on ONNX Runtime
 
 Run it on a quiet machine: other processes on the same cores change the figures.
 Exit code 0 if every check passes, 1 otherwise.
@@ -34,6 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=4000, help="images per run (default 4000)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker processes to compare (default 1 2)")
+    parser.add_argument("--backend", default=None, help="engine of every run (default: pipeline.yaml's)")
     parser.add_argument("--source", type=pathlib.Path, default=DEFAULT_SOURCE, help=f"folder of .jpg images (default {DEFAULT_SOURCE})")
     return parser.parse_args(argv)
 
@@ -52,7 +54,7 @@ def make_images(source: pathlib.Path, count: int, folder: pathlib.Path) -> None:
             (image if copy == 0 else ImageOps.mirror(image) if copy == 1 else ImageOps.flip(image)).save(target, quality=95)
 
 
-def run(images: pathlib.Path, workers: int, cores: int, work: pathlib.Path) -> dict:
+def run(images: pathlib.Path, workers: int, cores: int, work: pathlib.Path, backend: str | None) -> dict:
     """One `pipeline run` through a local cluster file of `workers` processes; its manifest and wall time."""
     cluster_file = work / f"local-{workers}.yaml"
     cluster_file.write_text(f"kind: local\nn-workers: {workers}\nthreads-per-worker: {max(1, cores // workers)}\n"
@@ -61,7 +63,7 @@ def run(images: pathlib.Path, workers: int, cores: int, work: pathlib.Path) -> d
     started = time.perf_counter()
     result = subprocess.run(
         [sys.executable, "-m", "pipeline", "run", "--input", str(images), "--output", str(output), "--cluster",
-         str(cluster_file), "--weights", "random", "--json"],
+         str(cluster_file), "--weights", "random", "--json", *(["--backend", backend] if backend else [])],
         capture_output=True, text=True, cwd=REPO,
     )
     wall = time.perf_counter() - started
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = []
         for workers in args.workers:
             print(f"running with {workers} worker process(es)...", flush=True)
-            runs.append(run(work / "images", workers, cores, work))
+            runs.append(run(work / "images", workers, cores, work, args.backend))
     ok = True
     first = runs[0]
     for r in runs:

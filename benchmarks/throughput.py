@@ -17,6 +17,13 @@ the pipeline also runs on the first --baseline of them, to compare each process'
     .venv/bin/python benchmarks/throughput.py --count 20000 --local --no-s3   # from a local folder only (about 12 minutes)
     .venv/bin/python benchmarks/throughput.py --limit 300 --no-spark   # a quick try
     .venv/bin/python benchmarks/throughput.py --count 20000 --local --no-spark --image-size 32   # the data path
+    .venv/bin/python benchmarks/throughput.py --count 5000 --local --no-s3 --backend tensorflow   # one engine
+
+With a list of engines (the default: onnxruntime,tensorflow) the first runs every part as above,
+and each other adds its bare model and, with --local, its pipeline from the local folder, in the
+same sitting; a table then sets them side by side (with the ONNX Runtime goals), and a check
+compares each one's features with the first's. ONNX Runtime's network is exported first, timed,
+into the sitting's own cache.
 
 With --image-size 32 the model is cheap and everything around it (read, decode, stage,
 scheduling) is what limits the pipeline: the "data path" lines say how many cores a worker
@@ -47,7 +54,7 @@ DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "fruits-360-apples"
 BUCKET, OUTPUT = "fruits", "out"
 FAKE_AWS = {"AWS_ACCESS_KEY_ID": "bench-key", "AWS_SECRET_ACCESS_KEY": "bench-secret", "AWS_DEFAULT_REGION": "us-east-1"}
 TIMEOUT_S = 3 * 3600
-GOALS = {"vs bare": 0.9, "vs spark": 3.0, "local vs spark": 1.15, "memory": 1.25, "gpu stage": 0.8, "gpu busy": 80, "gpu rest": 20}
+GOALS = {"vs bare": 0.9, "vs spark": 3.0, "local vs spark": 1.15, "onnxruntime vs spark": 2.5, "memory": 1.25, "gpu stage": 0.8, "gpu busy": 80, "gpu rest": 20}
 # Start-up chatter of TensorFlow (C++ logs) and Spark (log4j, JVM), left out of the stderr shown.
 NOISE = ("I0000 ", "W0000 ", "E0000 ", "WARNING: All log messages before absl", "To enable the following instructions",
          "WARNING: Using incubator", "Using Spark's default", "Setting default log level", "To adjust logging level",
@@ -77,8 +84,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="mobilenet_v2", help="CNN of all three (default mobilenet_v2)")
     parser.add_argument("--image-size", type=int, default=224,
                         help="model input side (default 224); 32 makes the model cheap, so the data path is measured")
-    parser.add_argument("--backend", default="tensorflow", choices=["tensorflow", "jax", "torch"],
-                        help="Keras backend of the pipeline and the bare model (default tensorflow)")
+    parser.add_argument("--backend", default="onnxruntime,tensorflow",
+                        help="engine of the pipeline and the bare model; a comma-separated list compares engines in one "
+                             "sitting: each after the first adds the bare model and, with --local, the pipeline from the "
+                             "local folder on it (default onnxruntime,tensorflow)")
     parser.add_argument("--batch-size", default="auto", help="images per model call (default auto: 32 on CPU, 256 on GPU)")
     parser.add_argument("--bare-limit", type=int, default=None,
                         help="the bare model featurizes only the first N images (its rate needs no more)")
@@ -93,7 +102,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="save the pipeline's Dask performance report here (HTML)")
     parser.add_argument("--workdir", type=pathlib.Path, default=None,
                         help="where to put the images and outputs (default: a temporary folder, removed)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    from pipeline.config import BACKENDS
+
+    args.engines = [engine.strip() for engine in args.backend.split(",")]
+    if unknown := [engine for engine in args.engines if engine not in BACKENDS]:
+        parser.error(f"--backend: unknown {', '.join(unknown)} (choose from {', '.join(BACKENDS)})")
+    args.backend = args.engines[0]
+    return args
 
 
 # --- the images --------------------------------------------------------------------------------------
@@ -299,11 +315,12 @@ def show_stderr(what: str, stderr: str, last: int = 15) -> None:
         print(f"{what} stderr (last lines):\n  " + "\n  ".join(kept[-last:]), flush=True)
 
 
-def pipeline_command(endpoint: str, prefix: str, output: str, args: argparse.Namespace, report: pathlib.Path | None) -> list[str]:
+def pipeline_command(endpoint: str, prefix: str, output: str, args: argparse.Namespace, report: pathlib.Path | None,
+                     backend: str | None = None) -> list[str]:
     """The command line a user would type, with this interpreter, at the default settings but the model's."""
     command = [
         sys.executable, "-m", "pipeline", "run", "--input", prefix, "--output", output, "--cluster", "local",
-        "--model", args.model, "--image-size", str(args.image_size), "--backend", args.backend, "--batch-size", args.batch_size,
+        "--model", args.model, "--image-size", str(args.image_size), "--backend", backend or args.backend, "--batch-size", args.batch_size,
         "--weights", "random", "--n-components", "0.95", "--json", "--overwrite",
     ]
     if endpoint:
@@ -323,6 +340,90 @@ def run_pipeline(what: str, command: list[str]) -> dict:
     print(f"  finished in {run['seconds']:.1f} s (exit code {run['rc']})", flush=True)
     show_stderr("  pipeline", run["stderr"])
     return run
+
+
+# --- engines ----------------------------------------------------------------------------------------
+
+
+def export_onnx_once(args: argparse.Namespace) -> None:
+    """Where an engine is ONNX Runtime, export the network before anything is timed, and say how long it took.
+
+    A machine exports once (workers then read the cached file); here into this sitting's own
+    cache (XDG_CACHE_HOME under the work folder, inherited by every command), so it is measured.
+    """
+    from pipeline.featurize import engine
+
+    if "onnxruntime" not in {engine(e) for e in args.engines}:
+        return
+    code = ("import sys; from pipeline import featurize; "
+            "featurize.onnx_file(featurize.ModelKey(sys.argv[1], int(sys.argv[2]), 'random', 0, 'onnxruntime'), {})")
+    export = run_watched([sys.executable, "-c", code, args.model, str(args.image_size)])
+    if export["rc"]:
+        show_stderr("  ONNX export", export["stderr"])
+        sys.exit("error: exporting the network to ONNX failed")
+    print(f"exported {args.model} at {args.image_size} px to ONNX in {export['seconds']:.1f} s "
+          f"(Keras on TensorFlow, tf2onnx; once per machine), peak RSS {gib(export['memory']['peak_total'])}", flush=True)
+
+
+def run_bare(args: argparse.Namespace, folder: pathlib.Path, n: int, backend: str) -> dict:
+    """benchmarks/bare_model.py on `backend`, watched; its JSON result under "result"."""
+    print(f"bare model on {min(n, args.bare_limit or n)} images, {backend}", flush=True)
+    run = run_watched([sys.executable, str(REPO / "benchmarks" / "bare_model.py"), str(folder), "--model", args.model,
+                       "--image-size", str(args.image_size), "--backend", backend, "--batch-size", args.batch_size,
+                       *(["--limit", str(args.bare_limit)] if args.bare_limit else [])])
+    run["result"] = last_json(run["stdout"])
+    if run["rc"]:
+        show_stderr("  bare model", run["stderr"])
+    return run
+
+
+def check_engine(engine: str, bare: dict, local: dict | None, out: pathlib.Path, output: dict, first: str,
+                 n_features: int) -> list[tuple[str, str, bool]]:
+    """Another engine's bare model ran, and its pipeline wrote the first engine's features (within FEATURE_TOLERANCE)."""
+    import fsspec
+
+    from pipeline.featurize import features_agree
+    from pipeline.sink import matrix
+
+    checks = [(f"bare model on {engine} exit code", str(bare["rc"]), bare["rc"] == 0)]
+    if local is None:
+        return checks
+    if local["rc"]:
+        return checks + [(f"pipeline on {engine} exit code", str(local["rc"]), False)]
+    theirs = read_output(fsspec.filesystem("file"), str(out))["images"].sort_by("path")
+    ours = output["images"].sort_by("path")
+    same = theirs["path"].to_pylist() == ours["path"].to_pylist()
+    a, b = (matrix(t["features"], n_features) for t in (theirs, ours)) if same else (np.zeros(1), np.ones(1))
+    difference = float(np.abs(a - b).max() / np.abs(b).max())
+    return checks + [(f"features on {engine} = on {first}", f"max diff / max |value| {difference:.1e}",
+                      same and features_agree(a, b))]
+
+
+def print_engines(engines: dict[str, tuple[dict, dict | None]], spark: dict | None, n: int) -> list[tuple[str, str, bool]]:
+    """Each engine's bare model and pipeline from the local folder side by side; the ONNX Runtime goals."""
+    spark_speed = n / spark["seconds"] if spark and spark["rc"] == 0 else None
+    print(f"\nengines, one sitting ({n} images; the pipeline from the local folder, whole command):")
+    print(f"  {'engine':14}{'bare images/s':>15}{'pipeline images/s':>19}{'pipeline / bare':>17}{'/ PySpark peer':>16}"
+          f"{'worker peak RSS':>17}")
+    goals = []
+    for engine, (bare, local) in engines.items():
+        result = bare.get("result")
+        bare_speed = result["images"] / result["seconds"] if result else None
+        speed = n / local["seconds"] if local and local["rc"] == 0 else None
+        workers = [p["peak"] for p in (local or {}).get("memory", {}).get("processes", []) if p["name"].startswith("worker")]
+        cells = [f"{bare_speed:.1f}" if bare_speed else "", f"{speed:.1f}" if speed else "",
+                 f"{speed / bare_speed:.2f}" if speed and bare_speed else "", f"{speed / spark_speed:.2f}" if speed and spark_speed else "",
+                 f"{max(workers) / 2**20:.0f} MiB" if workers else ""]
+        print(f"  {engine:14}{cells[0]:>15}{cells[1]:>19}{cells[2]:>17}{cells[3]:>16}{cells[4]:>17}")
+        if engine != "onnxruntime" or not speed:
+            continue
+        if bare_speed:
+            goals.append(("pipeline on onnxruntime / bare onnxruntime", f"{speed / bare_speed:.2f} (goal ≥ {GOALS['vs bare']})",
+                          speed / bare_speed >= GOALS["vs bare"]))
+        if spark_speed:
+            goals.append(("pipeline on onnxruntime / PySpark peer", f"{speed / spark_speed:.2f} (goal ≥ {GOALS['onnxruntime vs spark']})",
+                          speed / spark_speed >= GOALS["onnxruntime vs spark"]))
+    return goals
 
 
 # --- checks of the pipeline's output -----------------------------------------------------------------
@@ -602,6 +703,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_s3 and not args.local:
         sys.exit("error: --no-s3 needs --local (the pipeline must read from somewhere)")
     workdir = args.workdir or pathlib.Path(tempfile.mkdtemp(prefix="pipeline-bench-"))
+    os.environ["XDG_CACHE_HOME"] = str(workdir / "cache")  # this sitting exports the ONNX network itself (export_onnx_once)
     folder = workdir / "images"
     print(f"machine: {machine()}; {load()} at the start", flush=True)
     images, others = prepare_images(args, folder)
@@ -609,6 +711,7 @@ def main(argv: list[str] | None = None) -> int:
     n_workers, threads = local_size(None, None)
     print(f"{n} images under {folder}; the pipeline's LocalCluster: {n_workers} worker process(es) × {threads} threads", flush=True)
 
+    export_onnx_once(args)
     s3_images = images[: args.s3_limit]
     checks: list[tuple[str, str, bool]] = []
     runs: dict[str, dict] = {}
@@ -657,14 +760,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.local and not args.no_s3:
         runs["local"] = run_pipeline("pipeline from the local folder",
                                      pipeline_command("", str(folder), str(workdir / "out-local"), args, None))
-    print(f"bare model on {min(n, args.bare_limit or n)} images", flush=True)
-    runs["bare"] = run_watched([sys.executable, str(REPO / "benchmarks" / "bare_model.py"), str(folder), "--model", args.model,
-                                "--image-size", str(args.image_size), "--backend", args.backend, "--batch-size", args.batch_size,
-                                *(["--limit", str(args.bare_limit)] if args.bare_limit else [])])
-    runs["bare"]["result"] = last_json(runs["bare"]["stdout"])
+    runs["bare"] = run_bare(args, folder, n, args.backend)
     if runs["bare"]["rc"]:
-        show_stderr("  bare model", runs["bare"]["stderr"])
         checks.append(("bare model exit code", str(runs["bare"]["rc"]), False))
+    engines = {args.backend: (runs["bare"], runs.get("local"))}
+    for engine in args.engines[1:]:  # the same sitting: the bare model, then the pipeline, on each other engine
+        bare_run = run_bare(args, folder, n, engine)
+        local_run = run_pipeline(f"pipeline from the local folder on {engine}",
+                                 pipeline_command("", str(folder), str(workdir / f"out-local-{engine}"), args, None, engine)) \
+            if args.local else None
+        engines[engine] = (bare_run, local_run)
+        checks += check_engine(engine, bare_run, local_run, workdir / f"out-local-{engine}", output, args.backend, n_features)
     if not spark_available:
         print("PySpark peer left out (--no-spark)")
     else:
@@ -718,6 +824,8 @@ def main(argv: list[str] | None = None) -> int:
     if bare:
         print("bare model        " + ", ".join(f"{k} {v:.1f} s" for k, v in bare["timings_s"].items())
               + f", model {bare['seconds']:.1f} s; CPU seconds {runs['bare']['memory']['cpu']:.1f}")
+    if len(engines) > 1:
+        goals += print_engines(engines, runs.get("spark"), n)
     if "spark" in runs and runs["spark"].get("result"):
         print("PySpark peer      " + ", ".join(f"{k} {v:.1f} s" for k, v in runs["spark"]["result"]["timings_s"].items())
               + f"; CPU seconds {runs['spark']['memory']['cpu']:.1f}")
