@@ -150,7 +150,7 @@ def test_rerunning_onto_an_output_is_refused_unless_asked_to_overwrite_or_resume
     assert again["pca"]["n_components"] == 7 and first["started"] != again["started"]
     resumed = pipeline.run(pipeline.settings(input=str(SAMPLE_DIR), output=str(tmp_path)), resume=True, say=print)
     assert resumed == json.loads(json.dumps(again, default=str))  # complete already: nothing to do
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["errors.parquet", "images.parquet", "manifest.json", "pca.npz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["errors.parquet", "images.parquet", "index", "manifest.json", "pca.npz"]
 
 
 # --- interrupted runs, lost workers, determinism ----------------------------------------------------
