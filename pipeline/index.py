@@ -211,7 +211,8 @@ def recall(found: np.ndarray, exact: np.ndarray, ids: np.ndarray, k: int) -> flo
 
 
 def tuned_nprobe(index, truth: Truth, neighbours: int) -> tuple[int, dict]:
-    """The fewest lists searched (a power of 2) whose recall@`neighbours` on the held-out rows reaches `recall-target`."""
+    """The fewest lists searched (1, 2, 3, 4, 6, 8, 11, 16, ...: steps of √2) whose recall@`neighbours` on the
+    held-out rows reaches `recall-target`."""
     exact, target = truth.nearest(), setting("recall-target")
     ivf = faiss.extract_index_ivf(index)
     nprobe = 1
@@ -221,7 +222,7 @@ def tuned_nprobe(index, truth: Truth, neighbours: int) -> tuple[int, dict]:
         measured = {f"@{k}": round(recall(found, exact, truth.ids, k), 4) for k in RECALL_AT}
         if recall(found, exact, truth.ids, neighbours) >= target or nprobe >= ivf.nlist:
             return nprobe, measured
-        nprobe = min(nprobe * 2, ivf.nlist)
+        nprobe = min(max(nprobe + 1, round(nprobe * math.sqrt(2))), ivf.nlist)
 
 
 # --- searching ---------------------------------------------------------------------------------------
