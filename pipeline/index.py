@@ -170,16 +170,19 @@ class Truth:
             at = sum(len(self.queries.by_part[p][0]) for p in self.order[: self.order.index(number)])
             positions = self.queries.by_part[number][0]
             self.ids[at : at + len(positions)] = first_id + positions
-        distances, found = faiss.knn(self.vectors, vectors, min(self.k, len(vectors)))
-        if found.shape[1] < self.k:  # a part of fewer rows than k: pad with nothing found
-            pad = self.k - found.shape[1]
-            distances = np.pad(distances, ((0, 0), (0, pad)), constant_values=np.inf)
-            found = np.pad(found, ((0, 0), (0, pad)), constant_values=-1)
-        self.heap.add_result(np.ascontiguousarray(distances, np.float32), np.where(found >= 0, found + first_id, -1))
+        add_exact(self.heap, self.vectors, vectors, first_id, self.k)
 
     def nearest(self) -> np.ndarray:
         self.heap.finalize()
         return self.heap.I
+
+
+def add_exact(heap, queries: np.ndarray, vectors: np.ndarray, first_id: int, k: int) -> None:
+    """Merge into `heap` the exact k nearest of `vectors` (rows first_id, first_id + 1, ...) to each query."""
+    distances, found = faiss.knn(queries, vectors, min(k, len(vectors)))
+    pad = k - found.shape[1]  # a part of fewer rows than k: nothing found for the rest
+    heap.add_result(np.pad(distances, ((0, 0), (0, pad)), constant_values=np.inf).astype(np.float32),
+                    np.pad(found + first_id, ((0, 0), (0, pad)), constant_values=-1))
 
 
 def add_parts(fs, parts: list[str], index, rows_file, truth: Truth | None) -> None:
@@ -269,10 +272,7 @@ class SearchIndex:
         for part in parts:
             _, found = read_part(fs, part, self.index.d, columns=("pca",))
             if len(found):
-                distances, rows = faiss.knn(queries, found, min(k, len(found)))
-                pad = k - rows.shape[1]
-                heap.add_result(np.pad(distances, ((0, 0), (0, pad)), constant_values=np.inf).astype(np.float32),
-                                np.pad(rows + first, ((0, 0), (0, pad)), constant_values=-1))
+                add_exact(heap, queries, found, first, k)
                 first += len(found)
         heap.finalize()
         return self.named(heap.D, heap.I)
