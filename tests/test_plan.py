@@ -158,7 +158,7 @@ def test_without_from_the_measured_rates_apply_and_hardware_without_one_says_so(
 
     per_worker = RATES["cpu-core"]["images-per-s"] * 2  # one core's measured rate × the worker's threads
     assert rows[local] == ["1 (2 threads)", plan.number(per_worker), plan.number(1_000_000 / per_worker / 3600), "0 (this machine)", "0"]
-    assert "Scaling on one machine" in text and "another CPU will differ" in text
+    assert "ONNX Runtime on the idle 2-core AMD EPYC" in text and "another CPU will differ" in text
     assert rows["cluster/ec2-cpu.yaml"][1:] == ["no measured rate", "?", "?", "?"]
     assert "no measured rate for c6i.2xlarge workers in cluster/rates.yaml: give --from OUTPUT" in text
     assert rows["cluster/ec2-gpu.yaml"][1:] == ["no measured rate", "?", "?", "?"]
