@@ -7,6 +7,10 @@ can run just before the first object is read (to delete an object between listin
 from __future__ import annotations
 
 import collections
+import os
+import signal
+import subprocess
+import time
 import http.client
 import http.server
 import socket
@@ -119,3 +123,19 @@ class FaultyS3:
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _serve
 
         return Handler
+
+
+def interrupted_once_staged(command: list[str], folder, parts: int, held: threading.Event, what: str) -> tuple[int, str]:
+    """Start `command`, send its process group Ctrl-C once `folder` holds `parts` staged part files, then let
+    `held` (a read kept from finishing) go: the command's exit code and standard error."""
+    interrupted = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while len(list(folder.glob("part-*.parquet"))) < parts:
+            assert interrupted.poll() is None and time.monotonic() < deadline, f"{what} ended before it could be stopped"
+            time.sleep(0.05)
+        os.killpg(interrupted.pid, signal.SIGINT)
+        _, stderr = interrupted.communicate(timeout=120)
+    finally:
+        held.set()
+    return interrupted.returncode, stderr

@@ -11,6 +11,7 @@ import io
 import json
 import pathlib
 import shutil
+import sys
 
 import numpy as np
 import pandas as pd
@@ -20,6 +21,7 @@ from PIL import Image
 import pipeline
 from pipeline import preprocess
 from pipeline.config import SAMPLE_DIR, UsageError
+from faults import interrupted_once_staged
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 QUIET = dict(progress=False, say=lambda message: None)
@@ -177,12 +179,6 @@ def test_preprocess_then_run_then_recognize(tmp_path, dask_cluster):
 
 @pytest.mark.slow
 def test_an_interrupted_preprocess_is_finished_by_running_it_again_each_photo_once(faulty_s3, s3, tmp_path, dask_cluster):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     numbers = [0, 11, 22, 33, 44, 55]
     for number in numbers:
         s3.pipe(f"fruits/raw/{APPLES[number].relative_to(SAMPLE_DIR).as_posix()}", composite(number, "grass.png")[0])
@@ -191,17 +187,8 @@ def test_an_interrupted_preprocess_is_finished_by_running_it_again_each_photo_on
     prepared = tmp_path / "prepared"
     command = [sys.executable, "-m", "pipeline", "preprocess", "--input", "s3://fruits/raw", "--output", str(prepared),
                "--endpoint-url", faulty_s3.endpoint, "--cluster", dask_cluster, "--images-per-partition", "1", "--quiet"]
-    interrupted = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        folder, deadline = prepared / "_staging" / "photos", time.monotonic() + 240
-        while len(list(folder.glob("part-*.parquet"))) < 3:
-            assert interrupted.poll() is None and time.monotonic() < deadline, "preprocess ended before it could be stopped"
-            time.sleep(0.05)
-        os.killpg(interrupted.pid, signal.SIGINT)
-        _, stderr = interrupted.communicate(timeout=120)
-    finally:
-        held.set()
-    assert interrupted.returncode == 130 and "again" in stderr.splitlines()[-1]
+    returncode, stderr = interrupted_once_staged(command, prepared / "_staging" / "photos", 3, held, "preprocess")
+    assert returncode == 130 and "again" in stderr.splitlines()[-1]
     assert not (prepared / "preprocess.json").exists()  # nothing committed
 
     said = []

@@ -5,11 +5,7 @@ rows in the same order, the same features (within the tolerance of images batche
 neighbours) and the same PCA (exact: it goes on fitting with the new rows).
 """
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pandas as pd
@@ -21,6 +17,7 @@ from scipy.linalg import subspace_angles
 import pipeline
 from pipeline import cli, featurize, incremental, index
 from pipeline.config import SAMPLE_DIR, UsageError
+from faults import interrupted_once_staged
 
 LABELS = sorted(p.name for p in (SAMPLE_DIR / "Training").iterdir())
 QUIET = dict(progress=False, say=lambda message: None)
@@ -229,17 +226,8 @@ def test_an_interrupted_update_leaves_the_output_as_it_was_and_running_it_again_
     new = sorted(set(s3.find("fruits/growing")) - before)
     held = faulty_s3.hold("GET", new[-1])  # the last partition cannot finish: the update is stopped mid-way
     command = [sys.executable, "-m", "pipeline", "update", "--output", str(output), "--endpoint-url", faulty_s3.endpoint, "--quiet"]
-    interrupted = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        folder, deadline = output / "_staging" / "features", time.monotonic() + 240
-        while len(list(folder.glob("part-*.parquet"))) < 2:
-            assert interrupted.poll() is None and time.monotonic() < deadline, "the update ended before it could be stopped"
-            time.sleep(0.05)
-        os.killpg(interrupted.pid, signal.SIGINT)
-        _, stderr = interrupted.communicate(timeout=120)
-    finally:
-        held.set()
-    assert interrupted.returncode == 130 and "again" in stderr.splitlines()[-1]
+    returncode, stderr = interrupted_once_staged(command, output / "_staging" / "features", 2, held, "the update")
+    assert returncode == 130 and "again" in stderr.splitlines()[-1]
     assert json.loads((output / "manifest.json").read_text())["finished"] == first["finished"]  # the old version, whole
     assert len(pd.read_parquet(output / "images.parquet")) == first["counts"]["written"]
 
