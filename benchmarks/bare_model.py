@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from pipeline import featurize, images, settings
+    from pipeline import images, settings
+    from pipeline.making import featurize
 
     timings = {}
     started = time.perf_counter()

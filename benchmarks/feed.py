@@ -66,7 +66,8 @@ def one_pass(folder: pathlib.Path, work: pathlib.Path, args: argparse.Namespace)
     import fsspec
     import numpy as np
 
-    from pipeline import featurize, reduce, sink, source
+    from pipeline import source
+    from pipeline.making import featurize, reduce, sink
 
     fs = fsspec.filesystem("file")
     listing = source.list_images(str(folder), {}, ("jpg", "jpeg", "png"))

@@ -53,7 +53,7 @@ fi
 import importlib.metadata as m, os
 os.environ["KERAS_BACKEND"] = "$BACKEND"
 import keras, moto, pipeline
-from pipeline import featurize
+from pipeline.making import featurize
 print("  python", __import__("platform").python_version(), "|", ", ".join(f"{n} {m.version(n)}" for n in
       ("dask", "distributed", "dask-ml", "keras", "$BACKEND", "numpy", "pandas", "pyarrow", "scikit-learn")))
 print("  GPUs the pipeline sees:", featurize.visible_gpus(), "| on a GPU:", featurize.on_gpu("$BACKEND"))

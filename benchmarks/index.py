@@ -36,7 +36,8 @@ import pyarrow as pa
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline import index, sink  # noqa: E402
+from pipeline.making import sink  # noqa: E402
+from pipeline.reading import index
 
 FS = fsspec.filesystem("file")
 QUERIES = 1000
@@ -44,7 +45,7 @@ QUERIES = 1000
 CHILD = """
 import json, sys, time, numpy as np, faiss, fsspec
 def rss(): return int(open('/proc/self/statm').read().split()[1]) * 4096
-from pipeline import index
+from pipeline.reading import index
 queries = np.load(sys.argv[2])
 before = rss()
 started = time.perf_counter()

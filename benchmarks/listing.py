@@ -230,7 +230,8 @@ LIST_BY = """
 import hashlib, json, sys, time
 import dask
 from distributed import Client
-from pipeline import listings, sink, source
+from pipeline import source
+from pipeline.making import listings, sink
 url, endpoint, address, out = sys.argv[1:5]
 options, extensions = {"endpoint_url": endpoint}, tuple(dask.config.get("pipeline.extensions"))
 started = time.perf_counter()
@@ -274,7 +275,7 @@ def prefix_runs(n: int, workers: int, work: pathlib.Path) -> dict:
         by_client = list_by(url, endpoint, "client", work)
         cluster = Cluster(work / "prefix-cluster", workers)
         try:  # warm workers, as the client's process is when it starts listing: each has imported the pipeline
-            cluster.client.run(lambda: __import__("pipeline.listings"))
+            cluster.client.run(lambda: __import__("pipeline.making.listings"))
             by_workers = list_by(url, endpoint, cluster.address, work)
         finally:
             cluster.stop()

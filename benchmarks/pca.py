@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 from distributed import Client, LocalCluster
 
-from pipeline import reduce, sink
+from pipeline.making import reduce, sink
 
 ROWS_PER_PARTITION = 256  # the pipeline's images-per-partition
 
@@ -101,7 +101,7 @@ def measure(method: str, paths: list[str], rows: int, width: int, workers: int, 
     """Fit with `method` on a fresh LocalCluster of `workers` processes; seconds and the workers' memory."""
     with LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
-        for module in ("pipeline.reduce", "dask_ml.decomposition"):  # imports are not the fit
+        for module in ("pipeline.making.reduce", "dask_ml.decomposition"):  # imports are not the fit
             client.run(importlib.import_module, module)
         # IncrementalPCA's first step divides by the previous count, 0, and overwrites the result
         client.run(warnings.filterwarnings, "ignore", message="invalid value encountered in divide")

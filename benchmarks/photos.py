@@ -36,7 +36,8 @@ from PIL import Image
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline import images, preprocess  # noqa: E402
+from pipeline import images  # noqa: E402
+from pipeline.making import preprocess
 
 APPLES = pathlib.Path("/work/shared/data/fruits-360-apples")
 HOLD_OUT = 10  # every 10th photo of each variety is held out of the output
@@ -191,7 +192,7 @@ def held_out(source: pathlib.Path) -> tuple[list[pathlib.Path], list[pathlib.Pat
 def measure_accuracy(work: pathlib.Path, folder: pathlib.Path, source: pathlib.Path, recipe: preprocess.Recipe) -> list[str]:
     """Accuracy of an output fitted on the training apples, on the held-out ones in five conditions."""
     import pipeline
-    from pipeline.recognize import Recognizer
+    from pipeline.reading.recognize import Recognizer
 
     train, test = held_out(source)
     output = work / "output-train"

@@ -86,7 +86,7 @@ def warm(output: pathlib.Path, photos: list[pathlib.Path]) -> dict:
     """Images/s through the API once the model is built: batches of 32, then one image per call."""
     code = f"""
 import json, pathlib, time
-from pipeline import recognize
+from pipeline.reading import recognize
 photos = [pathlib.Path(p).read_bytes() for p in {[str(p) for p in photos]!r}]
 started = time.perf_counter(); recognizer = recognize.Recognizer.load({str(output)!r}); loaded = time.perf_counter() - started
 started = time.perf_counter(); recognizer.recognize(photos[:1]); first = time.perf_counter() - started

@@ -35,7 +35,8 @@ DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "fruits-360-apples"
 BARE = """
 import json, statistics, sys, time
 import numpy as np
-from pipeline import images, recognize
+from pipeline import images
+from pipeline.reading import recognize
 recognizer = recognize.Recognizer.load(sys.argv[1])
 arrays = [images.decode(open(path, "rb").read(), 224, 10**8) for path in sys.argv[2:]]
 recognizer.features(arrays[:1]); recognizer.features(arrays[:32])  # built and warm

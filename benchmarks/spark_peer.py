@@ -5,7 +5,7 @@
     → parquet (path, label, split, features, pca)
 
 Same model, weights, input size and batch as the pipeline: MobileNetV2 (or ResNet50) without its
-top, seeded random weights built with pipeline.featurize on the driver and broadcast, images
+top, seeded random weights built with pipeline.making.featurize on the driver and broadcast, images
 resized to the input size in the model's graph. Local mode, one core per task, and each task's
 TensorFlow on one thread (spark.task.cpus), so the cores are not oversubscribed.
 
@@ -67,7 +67,7 @@ def start_spark(cores: int, driver_memory: str):
 def seeded_weights(model: str, image_size: int, seed: int) -> list:
     """The pipeline's seeded random weights for `model` (ImageNet is not reachable here), as arrays."""
     sys.path.insert(0, str(REPO))
-    from pipeline.featurize import Featurizer, ModelKey
+    from pipeline.making.featurize import Featurizer, ModelKey
 
     return Featurizer(ModelKey(model, image_size, "random", seed), {}).model.get_weights()
 
@@ -135,8 +135,8 @@ def components_for(ratios, fraction: float) -> int:
 def run(args: argparse.Namespace) -> dict:
     """The whole job; returns timings (seconds per step) and counts."""
     sys.path.insert(0, str(REPO))
-    from pipeline.featurize import MODELS
-    from pipeline.job import stopwatch
+    from pipeline.making.featurize import MODELS
+    from pipeline.making.job import stopwatch
 
     spec = MODELS[args.model]
     timings: dict[str, float] = {}

@@ -351,11 +351,11 @@ def export_onnx_once(args: argparse.Namespace) -> None:
     A machine exports once (workers then read the cached file); here into this sitting's own
     cache (XDG_CACHE_HOME under the work folder, inherited by every command), so it is measured.
     """
-    from pipeline.featurize import engine
+    from pipeline.making.featurize import engine
 
     if "onnxruntime" not in {engine(e) for e in args.engines}:
         return
-    code = ("import sys; from pipeline import featurize; "
+    code = ("import sys; from pipeline.making import featurize; "
             "featurize.onnx_file(featurize.ModelKey(sys.argv[1], int(sys.argv[2]), 'random', 0, 'onnxruntime'), {})")
     export = run_watched([sys.executable, "-c", code, args.model, str(args.image_size)])
     if export["rc"]:
@@ -382,8 +382,8 @@ def check_engine(engine: str, bare: dict, local: dict | None, out: pathlib.Path,
     """Another engine's bare model ran, and its pipeline wrote the first engine's features (within FEATURE_TOLERANCE)."""
     import fsspec
 
-    from pipeline.featurize import features_agree
-    from pipeline.sink import matrix
+    from pipeline.making.featurize import features_agree
+    from pipeline.making.sink import matrix
 
     checks = [(f"bare model on {engine} exit code", str(bare["rc"]), bare["rc"] == 0)]
     if local is None:
@@ -484,7 +484,7 @@ def check_pca(output: dict, n_features: int) -> list[tuple[str, str, bool]]:
     from scipy.linalg import subspace_angles
     from sklearn.decomposition import PCA
 
-    from pipeline.sink import matrix
+    from pipeline.making.sink import matrix
 
     table, saved = output["images"], output["pca"]
     features = matrix(table["features"], n_features).astype(np.float64)
@@ -531,7 +531,7 @@ def check_spark(run: dict, folder: pathlib.Path, output: dict, n_features: int) 
     """The PySpark peer did the same job: one row per image, the pipeline's features, a PCA as large."""
     import pyarrow.parquet as pq
 
-    from pipeline.sink import matrix
+    from pipeline.making.sink import matrix
 
     result = run.get("result") or {}
     if run["rc"] != 0 or not result:
@@ -692,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
     """Prepare the images, run the three, check, print; 1 if a check fails."""
     args = parse_args(argv)
     from cluster import local_size
-    from pipeline.featurize import MODELS
+    from pipeline.making.featurize import MODELS
 
     if args.model not in MODELS:
         sys.exit(f"error: unknown model {args.model!r}: choose one of {', '.join(MODELS)}")

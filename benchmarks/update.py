@@ -31,7 +31,7 @@ from scipy.linalg import subspace_angles
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from pipeline import featurize  # noqa: E402
+from pipeline.making import featurize  # noqa: E402
 
 DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "fruits-360-apples"
 

@@ -21,7 +21,7 @@ from distributed import Client, LocalCluster
 from distributed.system import MEMORY_LIMIT  # this machine's memory, or its cgroup's limit
 
 from pipeline.config import UsageError
-from pipeline.featurize import visible_gpus
+from pipeline.making.featurize import visible_gpus
 
 from . import spec as specs
 

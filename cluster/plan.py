@@ -72,7 +72,7 @@ def plan(paths: list[str], images: str | None = None, output: str | None = None,
 
 def images_to_plan(images: str) -> int:
     """--images: a number, or an S3 Inventory's manifest.json or a listing file whose keys are counted."""
-    from pipeline import listings
+    from pipeline.making import listings
 
     if listings.is_listing(str(images)):
         return listings.count_keys(str(images), dict(dask.config.get("pipeline.storage-options") or {}))
@@ -262,7 +262,7 @@ def gpu_rate(rates: dict, gpu: str, where: str) -> Rate:
 
 def local_gpu_model() -> str:
     """The name the NVIDIA driver gives this machine's first GPU (e.g. NVIDIA H200), read without CUDA."""
-    from pipeline.featurize import gpu_name
+    from pipeline.making.featurize import gpu_name
 
     return gpu_name() or "GPU"
 

@@ -16,7 +16,7 @@ with contextlib.suppress(NotImplementedError):
 logging.getLogger("distributed.sizeof").setLevel(logging.ERROR)
 
 from .config import Settings, UsageError, settings
-from .job import run
-from .incremental import update
+from .making.job import run
+from .making.incremental import update
 
 __all__ = ["Settings", "UsageError", "run", "settings", "update"]

@@ -10,8 +10,9 @@ from datetime import datetime, timezone
 
 import dask.config
 
-from . import config, incremental, job
-from .featurize import MODELS
+from . import config
+from .making import incremental, job
+from .making.featurize import MODELS
 
 
 class Parser(argparse.ArgumentParser):
@@ -266,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def preprocess_photos(args: argparse.Namespace, storage: dict) -> int:
     """`pipeline preprocess`: thumbnails of every photo under --input (or of what changed); print what was done."""
-    from . import preprocess
+    from .making import preprocess
 
     quiet = args.quiet or args.json
     say = (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr, flush=True))
@@ -299,7 +300,7 @@ def preprocess_photos(args: argparse.Namespace, storage: dict) -> int:
 
 def write_report(output: str, folder: str | None, storage: dict) -> int:
     """`pipeline report`: draw the pictures of a finished run; print the files written, the page first."""
-    from . import report  # matplotlib is imported only to draw
+    from .reading import report  # matplotlib is imported only to draw
 
     try:
         written = report.write(report.load(output, storage), folder, storage)
@@ -312,7 +313,7 @@ def write_report(output: str, folder: str | None, storage: dict) -> int:
 def write_evaluation(output: str, folder: str | None, storage: dict, as_json: bool, max_images: str | None = None,
                      holdout: str | None = None) -> int:
     """`pipeline evaluate`: score a classifier on a finished run's features; print the summary and the files written."""
-    from . import evaluate  # scikit-learn and matplotlib are imported only to evaluate
+    from .reading import evaluate  # scikit-learn and matplotlib are imported only to evaluate
 
     try:
         scores = evaluate.evaluate(evaluate.load(output, storage, max_images), holdout)
@@ -328,7 +329,7 @@ def write_evaluation(output: str, folder: str | None, storage: dict, as_json: bo
 
 def recognize_images(args: argparse.Namespace, storage: dict) -> int:
     """`pipeline recognize`: print each image's label and nearest images, or what a folder of many wrote."""
-    from . import recognize  # TensorFlow is imported only to featurize
+    from .reading import recognize  # TensorFlow is imported only to featurize
 
     say = (lambda message: None) if args.json else (lambda message: print(message, file=sys.stderr, flush=True))
     try:
@@ -344,7 +345,7 @@ def recognize_images(args: argparse.Namespace, storage: dict) -> int:
 def serve_output(args: argparse.Namespace, storage: dict) -> int:
     """`pipeline serve`: answer photos over HTTP until interrupted."""
     try:
-        from . import serve  # FastAPI, uvicorn and TensorFlow are imported only to serve
+        from .reading import serve  # FastAPI, uvicorn and TensorFlow are imported only to serve
     except ModuleNotFoundError as missing:
         fail(f"serve needs {missing.name}: pip install -e \".[serve]\"")
 

@@ -17,7 +17,8 @@ from typing import Iterator
 import pandas as pd
 import pyarrow as pa
 
-from . import featurize, listings, sink, source
+from . import source
+from .making import featurize, listings, sink
 from .config import Settings, UsageError
 
 # What decides a run's rows and features: an interrupted run resumes only with the same, and an

@@ -173,7 +173,7 @@ def test_strict_imagenet_fails_before_reading_any_image_and_says_how_to_go_offli
 
 
 def test_checking_that_the_report_can_be_written_leaves_an_earlier_report_alone(tmp_path):
-    from pipeline import job
+    from pipeline.making import job
 
     (tmp_path / "run.html").write_text("the earlier run's report")
     job.check_report_writable(str(tmp_path / "run.html"), {})

@@ -2,7 +2,7 @@
 import dask.config
 import pytest
 
-from pipeline import job, sink
+from pipeline.making import job, sink
 from pipeline.config import SAMPLE_DIR, UsageError, is_secret, masked, parse_n_components, settings
 
 

@@ -12,7 +12,9 @@ import pytest
 from PIL import Image
 
 import pipeline
-from pipeline import cli, evaluate, reduce, sink
+from pipeline import cli
+from pipeline.making import reduce, sink
+from pipeline.reading import evaluate
 from pipeline.config import SAMPLE_DIR
 
 FILES = ["evaluation.html", "evaluation.json", "accuracy-vs-k.png", "confusion-matrix.png"]

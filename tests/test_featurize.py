@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 import pipeline
-from pipeline import featurize
+from pipeline.making import featurize
 from pipeline.config import SAMPLE_DIR, UsageError
 from pipeline.images import decode
 

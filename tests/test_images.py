@@ -159,7 +159,7 @@ def test_jpegs_opencv_is_not_given_are_still_decoded_by_pillow():
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_a_partition_decodes_in_order_on_its_threads_with_each_failure_in_its_place(threads):
-    from pipeline.featurize import decode_all
+    from pipeline.making.featurize import decode_all
 
     photo = encode(noisy_photo(100, 100), "JPEG")
     blobs = [photo, b"not an image", FileNotFoundError("gone"), photo[:500], encode(noisy_photo(40, 30), "PNG")]
@@ -186,7 +186,7 @@ def test_extensions_map_to_pillow_formats_and_an_unknown_one_is_a_usage_error():
 
 
 def test_pillows_own_pixel_limit_is_left_to_other_users_and_a_jpeg_over_it_is_still_read_small():
-    code = "import pipeline, pipeline.job, pipeline.recognize; from PIL import Image; print(Image.MAX_IMAGE_PIXELS)"
+    code = "import pipeline, pipeline.making.job, pipeline.reading.recognize; from PIL import Image; print(Image.MAX_IMAGE_PIXELS)"
     shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert int(shown) == Image.MAX_IMAGE_PIXELS == 89_478_485  # Pillow's default, for every importer of the package
     photo = encode(Image.new("L", (20_000, 10_000), 90), "JPEG")  # over twice Pillow's limit: Image.open refuses it

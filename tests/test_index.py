@@ -7,7 +7,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline import index, sink
+from pipeline.making import sink
+from pipeline.reading import index
 
 FS = fsspec.filesystem("file")
 

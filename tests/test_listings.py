@@ -14,7 +14,8 @@ import s3fs
 from distributed import Client
 
 import pipeline
-from pipeline import cli, config, listings, sink, source
+from pipeline import cli, config, source
+from pipeline.making import listings, sink
 from pipeline.config import SAMPLE_DIR, UsageError
 
 EXTENSIONS = config.settings().extensions
@@ -186,7 +187,7 @@ def test_an_interrupted_run_from_an_inventory_resumes_only_from_the_same_invento
     out = pipeline.output.Output.at(str(tmp_path), {})
     spread = listings.open_input(settings)
     out.check_writable()
-    out.save_plan(settings, spread, pipeline.featurize.Weights("random", None), command="run")
+    out.save_plan(settings, spread, pipeline.making.featurize.Weights("random", None), command="run")
     again, _ = out.resume_plan(settings)
     assert again == spread
     bucket.pipe_file(manifest, bucket.cat_file(manifest) + b" ")  # a new version under the same name

@@ -9,7 +9,8 @@ import yaml
 
 import pipeline
 from cluster import plan, spec
-from pipeline import cli, featurize
+from pipeline import cli
+from pipeline.making import featurize
 from pipeline.config import SAMPLE_DIR, UsageError
 
 from test_cluster import REPO, cluster_file

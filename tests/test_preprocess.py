@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 import pipeline
-from pipeline import preprocess
+from pipeline.making import preprocess
 from pipeline.config import SAMPLE_DIR, UsageError
 from faults import interrupted_once_staged
 
@@ -162,7 +162,7 @@ def test_preprocess_then_run_then_recognize(tmp_path, dask_cluster):
     rows = pd.read_parquet(output / "images.parquet")
     assert rows.source.tolist() == rows.path.tolist() and rows.camera.eq("PipelineCam Composite 1").all()
 
-    from pipeline import recognize
+    from pipeline.reading import recognize
 
     said = []
     photo = raw / APPLES[77].relative_to(SAMPLE_DIR)

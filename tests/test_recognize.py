@@ -15,7 +15,9 @@ from PIL import Image
 from test_evaluate import fake_output
 
 import pipeline
-from pipeline import evaluate, images, index, recognize, reduce, sink
+from pipeline import images
+from pipeline.making import reduce, sink
+from pipeline.reading import evaluate, index, recognize
 from pipeline.config import SAMPLE_DIR, UsageError
 
 HELD_OUT = 3  # images of each label kept out of the sample's output

@@ -12,7 +12,7 @@ from distributed import Client, LocalCluster
 from scipy.linalg import subspace_angles
 from sklearn.decomposition import PCA
 
-from pipeline import reduce, sink
+from pipeline.making import reduce, sink
 
 VGG16 = pathlib.Path(__file__).parents[1] / ".." / "shared" / "data" / "fruits-360-vgg16-features" / "features.parquet"
 

@@ -20,7 +20,7 @@ from PIL import Image
 from scipy.linalg import subspace_angles
 
 import pipeline
-from pipeline import featurize
+from pipeline.making import featurize
 from pipeline.config import SAMPLE_DIR, UsageError
 
 pytestmark = pytest.mark.slow

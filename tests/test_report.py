@@ -14,7 +14,8 @@ from PIL import Image
 from test_evaluate import fake_output, three_fruits
 
 import pipeline
-from pipeline import report, source
+from pipeline import source
+from pipeline.reading import report
 from pipeline.config import SAMPLE_DIR
 
 PICTURE_SIZES = {  # pixels: the figure's inches × report.DPI

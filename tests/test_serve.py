@@ -18,7 +18,8 @@ import pytest
 from PIL import Image
 
 import pipeline
-from pipeline import serve, sink
+from pipeline.making import sink
+from pipeline.reading import serve
 from pipeline.config import SAMPLE_DIR
 
 TOKEN = "a-test-token-of-the-service"

@@ -3,7 +3,7 @@ import fsspec
 import pandas as pd
 import pyarrow as pa
 
-from pipeline import sink
+from pipeline.making import sink
 
 
 def listing(n):

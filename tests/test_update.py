@@ -15,7 +15,9 @@ from PIL import Image
 from scipy.linalg import subspace_angles
 
 import pipeline
-from pipeline import cli, featurize, incremental, index
+from pipeline import cli
+from pipeline.making import featurize, incremental
+from pipeline.reading import index
 from pipeline.config import SAMPLE_DIR, UsageError
 from faults import interrupted_once_staged
 

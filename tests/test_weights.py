@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from pipeline import featurize
+from pipeline.making import featurize
 
 
 def test_a_remote_weights_file_is_cached_in_the_users_cache_per_version_of_the_object(s3, s3_endpoint, tmp_path, monkeypatch):

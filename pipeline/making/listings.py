@@ -23,8 +23,9 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from fsspec.spec import AbstractFileSystem
 
-from . import sink, source
-from .config import UsageError
+from . import sink
+from .. import source
+from ..config import UsageError
 
 # The inventory's fields an image needs, in the names of its ORC and Parquet files; its CSV files have no
 # header: their columns are named in the manifest's fileSchema ("Bucket, Key, Size, ...").

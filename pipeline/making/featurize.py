@@ -27,8 +27,9 @@ from typing import Callable
 
 import numpy as np
 
-from . import images, sink, source
-from .config import UsageError
+from . import sink
+from .. import images, source
+from ..config import UsageError
 
 KERAS_APPLICATIONS = "https://storage.googleapis.com/tensorflow/keras-applications/"
 CPU_BATCH_SIZE, GPU_BATCH_SIZE = 32, 256  # `batch-size: auto`: a GPU is filled at 256 (docs/gpu.md)
@@ -530,10 +531,10 @@ def onnx_file(key: ModelKey, storage_options: dict) -> str:
 
 def export_in_child(model: str, image_size: int, weights: str, seed: int, path: str) -> None:
     """Run export_onnx in a new Python process, so that only it imports TensorFlow (on its CPU)."""
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = os.environ | {"KERAS_BACKEND": "tensorflow", "CUDA_VISIBLE_DEVICES": "",
                         "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-    code = "import json, sys; from pipeline.featurize import export_onnx; export_onnx(*json.loads(sys.argv[1]))"
+    code = "import json, sys; from pipeline.making.featurize import export_onnx; export_onnx(*json.loads(sys.argv[1]))"
     child = subprocess.run([sys.executable, "-c", code, json.dumps([model, image_size, weights, seed, path])],
                            env=env, capture_output=True, text=True, timeout=1800)
     if child.returncode or not os.path.exists(path):

@@ -35,9 +35,11 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from . import config, reduce, report, sink, source
-from .config import UsageError
-from .output import Output
+from . import report
+from .. import config, source
+from ..making import reduce, sink
+from ..config import UsageError
+from ..output import Output
 
 PAGE = "evaluation.html"
 DOCUMENT = "evaluation.json"

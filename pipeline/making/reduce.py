@@ -21,7 +21,7 @@ import dask
 import numpy as np
 
 from . import sink
-from .config import UsageError
+from ..config import UsageError
 
 if TYPE_CHECKING:  # imported where used: a run needs neither, and they take a second to import
     import dask.array as da

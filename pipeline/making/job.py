@@ -21,9 +21,11 @@ from tqdm.auto import tqdm
 
 import cluster
 
-from . import config, featurize, images, index, listings, preprocess, reduce, sink, source
-from .config import Settings, UsageError, masked
-from .output import Output
+from . import featurize, listings, preprocess, reduce, sink
+from .. import config, images, source
+from ..reading import index
+from ..config import Settings, UsageError, masked
+from ..output import Output
 
 log = logging.getLogger("pipeline")
 PACKAGES = ["dask", "distributed", "dask-ml", "scikit-learn", "keras", "tensorflow", "jax", "jaxlib", "torch", "numpy",

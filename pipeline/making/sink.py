@@ -34,8 +34,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import source
-from .config import masked
+from .. import source
+from ..config import masked
 
 IMAGES = "images.parquet"
 ERRORS = "errors.parquet"

@@ -46,13 +46,15 @@ from PIL import ExifTags, Image, ImageOps
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, Info, generate_latest
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from . import config, images, recognize, sink, source
-from .config import UsageError
-from .output import Output
+from . import recognize
+from .. import config, images, source
+from ..making import sink
+from ..config import UsageError
+from ..output import Output
 
 log = logging.getLogger("pipeline")
 PAGE = pathlib.Path(__file__).with_name("static") / "index.html"
-SAMPLE_DETAILS = pathlib.Path(__file__).with_name("sample") / "apple-details.yaml"  # the shipped sample's 13 apples
+SAMPLE_DETAILS = pathlib.Path(__file__).parent.parent / "sample" / "apple-details.yaml"  # the shipped sample's 13 apples
 DETAILS_FILES = ("details.yaml", "details.json")  # looked for in the output
 FORMATS = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "BMP": "bmp", "WEBP": "webp", "TIFF": "tif"}  # stored under this extension
 UNSAFE_LABEL = re.compile(r"[/\\\x00-\x1f\x7f]|\.\.")

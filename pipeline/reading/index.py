@@ -34,8 +34,9 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
-from . import config, sink, source
-from .config import UsageError
+from .. import config, source
+from ..making import sink
+from ..config import UsageError
 
 FILE, ROWS, ABOUT = "index.faiss", "rows.arrow", "index.json"
 ROWS_SCHEMA = pa.schema([("path", pa.string()), ("label", pa.string())])

@@ -32,10 +32,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
-from . import config, featurize, images, sink, source
-from .config import UsageError
+from . import featurize, sink
+from .. import config, images, source
+from ..config import UsageError
 from .featurize import Weights
-from .output import Output, errors as output_errors
+from ..output import Output, errors as output_errors
 
 METHODS = ("grabcut", "colour")
 AB_BINS = 32  # the colour histogram: a × b of CIE Lab (8-bit), each in this many bins; lightness ignored

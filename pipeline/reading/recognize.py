@@ -34,10 +34,12 @@ from PIL import Image
 
 import cluster
 
-from . import listings as spread_listing
-from . import config, featurize, images, index, job, preprocess, reduce, sink, source
-from .config import UsageError
-from .output import Output
+from ..making import listings as spread_listing
+from . import index
+from .. import config, images, source
+from ..making import featurize, job, preprocess, reduce, sink
+from ..config import UsageError
+from ..output import Output
 
 log = logging.getLogger("pipeline")
 CLASSIFIER = "recognizer.npz"  # beside the output's manifest

@@ -27,8 +27,9 @@ import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
-from . import images, reduce, sink, source
-from .output import Output
+from .. import images, source
+from ..making import reduce, sink
+from ..output import Output
 
 PAGE = "report.html"
 DPI = 100  # pixels per inch of the PNG files: a figure of 8 × 4.5 inches is 800 × 450 pixels

@@ -20,9 +20,10 @@ import pyarrow.compute as pc
 
 import cluster
 
-from . import config, featurize, job, listings, reduce, sink
-from .config import Settings
-from .output import RESUME_KEYS, Output
+from . import featurize, job, listings, reduce, sink
+from .. import config
+from ..config import Settings
+from ..output import RESUME_KEYS, Output
 
 FINAL_ERRORS = pa.array(["decode", "segment"])  # errors that stay until the image changes (others are tried again)
 KEPT_SETTINGS = (*(key for key in RESUME_KEYS if key not in ("input", "input_prefix")), "n_components")  # the output's

@@ -1,0 +1,1 @@
+"""Reading a finished output: its index, recognize, serve, report and evaluate."""
