@@ -1,5 +1,6 @@
 """`python -m pipeline serve OUTPUT`: photos answered over HTTP by a real server process; corrections taken in."""
 import concurrent.futures
+import contextlib
 import hashlib
 import io
 import json
@@ -163,6 +164,82 @@ def test_concurrent_photos_are_answered_in_fewer_model_calls_than_photos(server)
     calls = metric(after, "pipeline_serve_batch_size_count") - metric(before, "pipeline_serve_batch_size_count")
     photos_batched = metric(after, "pipeline_serve_batch_size_sum") - metric(before, "pipeline_serve_batch_size_sum")
     assert photos_batched == 24 and calls < 24
+
+
+def test_bad_photos_sent_among_good_ones_get_their_4xx_and_the_good_ones_their_answers(server):
+    good = [photo(label.name, 1).read_bytes() for label in sorted((SAMPLE_DIR / "Training").iterdir())][:8]
+    bodies = [body for pair in zip(good, [b"not an image"] * 4 + [good[0][:2000]] * 4) for body in pair]
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(lambda body: httpx.post(f"{server.url}/recognize", content=body, timeout=120), bodies))
+    assert [response.status_code for response in answers] == [200, 415] * 4 + [200, 400] * 4
+    assert all(response.json()["label"].startswith("Apple") for response in answers[::2])
+
+
+# --- the batcher, in this process: which photos share a model call --------------------------------------
+
+
+def batcher_run(scenario, wait: float = 60.0):
+    """Run `scenario(batcher)` beside a Batcher whose answer records each call's items (and answers them doubled)."""
+    import asyncio
+
+    calls = []
+
+    def answer(items):
+        calls.append(list(items))
+        return [item * 2 for item in items]
+
+    async def main():
+        batcher = serve.Batcher(answer, max_batch=4, wait=wait)
+        running = asyncio.create_task(batcher.run())
+        try:
+            return await asyncio.wait_for(scenario(batcher), 30)  # a batch held for `wait` (60 s) would fail here
+        finally:
+            running.cancel()
+
+    return asyncio.run(main()), calls
+
+
+def test_a_lone_photo_goes_to_the_model_at_once_though_the_batch_wait_is_long():
+    async def lone(batcher):
+        return await batcher.submit(21)
+
+    answer, calls = batcher_run(lone)
+    assert answer == 42 and calls == [[21]]
+
+
+def test_photos_still_being_decoded_join_the_batch_and_one_that_fails_to_decode_holds_nothing():
+    import asyncio
+
+    async def arriving_together(batcher):
+        decoded = asyncio.Event()
+
+        async def photo(number, fails=False):
+            with contextlib.suppress(ValueError):
+                with batcher.arriving():
+                    await decoded.wait()  # decoding
+                    if fails:
+                        raise ValueError("not an image")
+                return await batcher.submit(number)
+
+        first = asyncio.create_task(batcher.submit(1))  # taken while three others are being decoded
+        others = [asyncio.create_task(photo(number, fails=number == 4)) for number in (2, 3, 4)]
+        await asyncio.sleep(0.05)
+        decoded.set()
+        return await asyncio.gather(first, *others)
+
+    answers, calls = batcher_run(arriving_together)
+    assert answers == [2, 4, 6, None] and calls == [[1, 2, 3]]  # one call, not held 60 s for the photo that failed
+
+
+def test_photos_queued_while_the_model_is_busy_share_the_next_call_up_to_the_maximum_batch():
+    import asyncio
+
+    async def many(batcher):
+        return await asyncio.gather(*(batcher.submit(number) for number in range(10)))
+
+    answers, calls = batcher_run(many, wait=0)
+    assert answers == [2 * number for number in range(10)]
+    assert [len(call) for call in calls] == [4, 4, 2]  # max_batch 4: every photo waiting, four at a time
 
 
 def test_metrics_count_requests_by_status_time_them_and_name_the_version(server):

@@ -8,9 +8,10 @@
     GET  /info             the output's version and labels, whether corrections are open
     GET  /healthz, /metrics (Prometheus), /docs (the framework's schema page), / (the phone page)
 
-Concurrent photos are answered together: a request waits while the model is busy (and at most
-`serve.batch-wait-ms` more), then every waiting photo goes into one call of Recognizer.recognize,
-up to `serve.max-batch`. With `--update-every`, contributions not yet in the output start an
+Concurrent photos are answered together (Batcher): each is decoded as it arrives, in a pool of
+threads (`serve.decode-threads`), then waits while the model is busy; each model call takes every
+photo waiting, up to `serve.max-batch`, and waits at most `serve.batch-wait-ms` for those still
+being decoded. With `--update-every`, contributions not yet in the output start an
 `update` in another process; the new version is loaded beside the old one and answers from then
 on, the requests in flight finishing on the old. `--reload-every` only follows the output's
 versions (the replicas beside the one that updates).
@@ -18,6 +19,7 @@ versions (the replicas beside the one that updates).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import hashlib
@@ -25,6 +27,7 @@ import hmac
 import io
 import json
 import logging
+import os
 import pathlib
 import posixpath
 import re
@@ -34,6 +37,7 @@ import threading
 import time
 import urllib.parse
 from datetime import datetime, timezone
+from typing import Callable
 
 import dask.config
 import numpy as np
@@ -91,7 +95,7 @@ class Refused(Exception):
 # --- one version of the output ---------------------------------------------------------------------
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # a version is itself: compared and hashed by identity
 class Version:
     """A finished output's version as the service answers from it: its recognizer and its rows' paths."""
 
@@ -100,12 +104,23 @@ class Version:
 
     @classmethod
     def load(cls, output: str, storage_options: dict) -> "Version":
-        """Load the output and warm the model, so that the first request is answered as fast as the others."""
+        """Load the output and warm the model on a full batch of the largest photos: the first request is answered
+        as fast as the others, and the engine's memory is taken at start, not grown under the first busy minutes."""
         recognizer = recognize.Recognizer.load(output, storage_options)
-        recognizer.recognize([np.full((8, 8, 3), 255, np.uint8)], 1)  # builds the model once per process
+        side = recognizer.key.image_size  # photos are decoded to at most side × side
+        recognizer.answer(recognizer.features([np.full((side, side, 3), 255, np.uint8)] * positive("max-batch")), 1)
         paths = recognizer.index.rows["path"]
         held = pc.filter(paths, pc.starts_with(paths, f"{setting('contributions')}/"))
         return cls(recognizer, frozenset(held.to_pylist()))
+
+    def decode(self, data: bytes, max_pixels: int) -> np.ndarray:
+        """A photo as the model is given it (the pipeline's decoding, the output's preprocessing); raises what it cannot read."""
+        return self.recognizer.decoded(data, self.recognizer.key.image_size, max_pixels)
+
+    def answer(self, photos: list[np.ndarray]) -> list[recognize.Answer]:
+        """The answers for decoded photos, in one model call."""
+        recognizer = self.recognizer
+        return recognizer.answer(recognizer.features(photos), recognize.setting("neighbours"))
 
     def path(self, row: int) -> str:
         """The path of a row of the output (its id in the index), relative to the input."""
@@ -260,6 +275,73 @@ def load_details(output_fs, root: str, given: str | None, labels: list[str], sto
     return {str(label): value for label, value in details.items()}
 
 
+# --- photos answered together --------------------------------------------------------------------------
+
+
+class Batcher:
+    """Photos answered together: each model call takes every photo waiting (up to `max_batch`), and waits
+    at most `wait` seconds for the photos still being decoded, so that photos arriving together share a call.
+
+    A lone photo is never held back (nothing else is on its way); under load, photos queue while the
+    model is busy and the next call takes them all. `answer` runs on one thread at a time: the model
+    has the cores to itself, one batch after the other, while the event loop and the decoders go on.
+    """
+
+    def __init__(self, answer: Callable[[list], list], max_batch: int, wait: float):
+        self.answer, self.max_batch, self.wait = answer, max_batch, wait
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.changed = asyncio.Event()  # a photo was queued, or one being decoded will not come
+        self.decoding = 0  # photos read and being decoded: on their way to the queue
+
+    @contextlib.contextmanager
+    def arriving(self):
+        """Count a photo as on its way while it is decoded (the batch being taken waits for it)."""
+        self.decoding += 1
+        try:
+            yield
+        finally:
+            self.decoding -= 1
+            self.changed.set()
+
+    async def submit(self, item):
+        """The answer for one item, from the call of `answer` its batch went into."""
+        future = asyncio.get_running_loop().create_future()
+        self.queue.put_nowait((item, future))
+        self.changed.set()
+        return await future
+
+    async def take(self) -> list:
+        """The next batch: what waits, and what arrives while photos are being decoded, for at most `wait` seconds."""
+        batch = [await self.queue.get()]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait
+        while len(batch) < self.max_batch:
+            if not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+                continue
+            left = deadline - loop.time()
+            if not self.decoding or left <= 0:
+                break
+            self.changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), left)
+        return batch
+
+    async def run(self, observe: Callable[[int], None] = lambda size: None) -> None:
+        """Answer batch after batch, forever; a failure of `answer` is each of its requests' failure, not the loop's."""
+        while True:
+            batch = await self.take()
+            observe(len(batch))
+            try:
+                answers = await asyncio.to_thread(self.answer, [item for item, _ in batch])
+            except Exception as error:
+                log.exception("the model failed on a batch")
+                answers = [error] * len(batch)
+            for (_, future), answer in zip(batch, answers):
+                if not future.done():
+                    (future.set_exception if isinstance(answer, Exception) else future.set_result)(answer)
+
+
 # --- the service ------------------------------------------------------------------------------------
 
 
@@ -277,10 +359,14 @@ class Service:
         self.new_labels = bool(setting("new-labels"))
         self.max_bytes, self.max_batch = positive("max-upload-bytes"), positive("max-batch")
         self.wait = float(setting("batch-wait-ms")) / 1000
+        if not self.wait >= 0:
+            raise UsageError(f"serve.batch-wait-ms must be 0 or more milliseconds, got {setting('batch-wait-ms')!r}")
+        threads = setting("decode-threads") or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+        self.decoders = concurrent.futures.ThreadPoolExecutor(config.positive_int("serve.decode-threads", threads), "decode")
         self.max_pixels = dask.config.get("pipeline.max-image-pixels")
         self.thumbnail_side = positive("thumbnail-size")
         self.thumbnails: dict[tuple[str, int], bytes] = {}  # (version, row) → JPEG, the oldest dropped first
-        self.queue: asyncio.Queue | None = None
+        self.batcher: Batcher | None = None  # made in the event loop (app's lifespan)
         self.updating = threading.Event()
         self.stopped = threading.Event()
         self.metrics = Metrics()
@@ -288,37 +374,25 @@ class Service:
 
     # answering
 
-    async def batches(self) -> None:
-        """Answer what waits, in one model call each time, on one thread: the model is busy or idle, never shared."""
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = [await self.queue.get()]
-            deadline = loop.time() + self.wait
-            while len(batch) < self.max_batch:
-                try:
-                    batch.append(self.queue.get_nowait() if loop.time() >= deadline else
-                                 await asyncio.wait_for(self.queue.get(), deadline - loop.time()))
-                except (asyncio.QueueEmpty, asyncio.TimeoutError):
-                    break
-            version = self.version
-            self.metrics.batch.observe(len(batch))
-            try:
-                answers = await asyncio.to_thread(version.recognizer.recognize, [data for data, _ in batch])
-            except Exception as error:  # the model failed: each request says so, the loop goes on
-                log.exception("the model failed on a batch")
-                answers = [error] * len(batch)
-            for (_, future), answer in zip(batch, answers):
-                if not future.done():
-                    future.set_result((version, answer))
+    @staticmethod
+    def answer_batch(items: list[tuple[Version, np.ndarray]]) -> list[tuple[Version, recognize.Answer]]:
+        """Each photo answered by the version that decoded it: one model call per version (one, but across a switch)."""
+        answers = [None] * len(items)
+        for version in dict.fromkeys(version for version, _ in items):
+            numbers = [number for number, (v, _) in enumerate(items) if v is version]
+            for number, answer in zip(numbers, version.answer([items[number][1] for number in numbers])):
+                answers[number] = (version, answer)
+        return answers
 
     async def recognize(self, data: bytes) -> dict:
-        future = asyncio.get_running_loop().create_future()
-        await self.queue.put((data, future))
-        version, answer = await future
-        if isinstance(answer, Exception):
-            raise answer
-        if answer.error:
-            raise refusal(answer.error)
+        """A photo's answer: decoded in the pool as it arrives, then answered with the photos of its batch."""
+        version = self.version  # answers it whole, even if a new version comes meanwhile
+        with self.batcher.arriving():
+            try:
+                pixels = await asyncio.get_running_loop().run_in_executor(self.decoders, version.decode, data, self.max_pixels)
+            except Exception as error:  # Pillow raises many kinds for broken files
+                raise refusal(f"{type(error).__name__}: {error}") from None
+        version, answer = await self.batcher.submit((version, pixels))
         quoted = urllib.parse.quote(version.name)
         return {
             "label": answer.label, "confidence": answer.confidence, "details": self.details.get(answer.label),
@@ -457,35 +531,53 @@ class Metrics:
         self.updates = Counter("pipeline_serve_updates", "updates run by --update-every", ["result"], registry=self.registry)
 
 
+class Measured:
+    """ASGI middleware: each request counted by route and status and timed; an unexpected failure is a 500 with one
+    line (logged), never a dropped connection. Plain ASGI, not Starlette's BaseHTTPMiddleware: nothing between the
+    endpoint and the socket but this (no extra task, no re-streamed body per request)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), []
+
+        async def sent(message):
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sent)
+        except Exception:
+            log.exception("unexpected failure answering %s", scope.get("path"))
+            if not status:  # nothing sent yet: say so in one line
+                await JSONResponse({"error": "the service failed on this request; see its log"}, status_code=500)(scope, receive, sent)
+        endpoint = getattr(scope.get("route"), "path", "other")
+        self.metrics.requests.labels(endpoint, str(status[0] if status else 500)).inc()
+        self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+
+
 def app(service: Service) -> FastAPI:
     """The FastAPI application of a service."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_):
-        service.queue = asyncio.Queue()
-        batcher = asyncio.create_task(service.batches())
+        service.batcher = Batcher(service.answer_batch, service.max_batch, service.wait)
+        batcher = asyncio.create_task(service.batcher.run(service.metrics.batch.observe))
         if service.update_every or service.reload_every:
             threading.Thread(target=service.watch, name="watch", daemon=True).start()
         yield
         service.stopped.set()
         batcher.cancel()
+        service.decoders.shutdown(wait=False, cancel_futures=True)
 
     api = FastAPI(title="Fruit recognition", lifespan=lifespan,
                   description="Recognize a fruit in a photo from a finished pipeline output; take corrections.")
 
-    @api.middleware("http")
-    async def measure(request: Request, call_next):
-        started = time.perf_counter()
-        try:
-            response = await call_next(request)
-        except Exception:
-            log.exception("unexpected failure answering %s", request.url.path)
-            response = JSONResponse({"error": "the service failed on this request; see its log"}, status_code=500)
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", "other")
-        service.metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        service.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
-        return response
+    api.add_middleware(Measured, metrics=service.metrics)
 
     @api.exception_handler(Refused)
     async def refused(_, error: Refused):
@@ -505,7 +597,7 @@ def app(service: Service) -> FastAPI:
     async def recognize_photo(request: Request):
         """The label, its confidence and details, the nearest images of the output, the version answering."""
         data, _ = await upload(request, service.max_bytes)
-        return await service.recognize(data)
+        return JSONResponse(await service.recognize(data))  # plain JSON types: no encoder pass
 
     @api.get("/thumbnails/{row}", summary="A small JPEG of a row of the output", response_class=Response)
     async def thumbnails(row: int, version: str | None = None):
