@@ -8,9 +8,10 @@ inventory   Writes an inventory in AWS's own layout (destination-prefix/source-b
             object (reads would fail): the listing and the scheduling are what is measured, so the run is stopped as
             soon as the scheduler starts its first featurize task. Prints the seconds from the command to that task,
             the client's and the scheduler's peak RSS (the kernel's VmHWM of each process, 2 s after that task
-            started: the client goes on submitting, at most 2,000 tasks at a time), the partitions (the run's
-            featurize tasks) and those submitted by then, and the listing's seconds (what the command says it
-            took the workers, including their first import of the pipeline).
+            started: the client goes on submitting, a window of tasks at a time), the partitions (the run's
+            featurize tasks) and those submitted by then, and how long the workers took to list the first data
+            files, whose partitions are featurized while they list the others (what the command says, including
+            the workers' first import of the pipeline), and the load average (the machine may be shared).
 prefix      Puts --prefix-keys objects (empty: a listing does not read them) into a moto S3 server on loopback, in
             100 folders, and lists them as `run` does: by the client alone (source.list_images), and by the workers
             (listings.partitions of a worker-listed prefix on --prefix-workers worker processes). Same rows, same order.
@@ -36,17 +37,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks.million import child_env, mib  # noqa: E402
+
 SCHEMA = "Bucket, Key, Size, LastModifiedDate, ETag, IsMultipartUploaded, StorageClass"
 PER_FILE = 1_000_000  # keys a data file
 PER_FOLDER = 1_000  # images a folder (a label)
 GOALS = {"first task s": 30, "client MiB": 300, "client ratio": 1.1, "prefix speedup": 3}
-
-
-def child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
-    return env
 
 
 def peak_rss(pid: int) -> int:
@@ -124,6 +121,11 @@ class Cluster:
         self.log.close()
 
 
+def load() -> str:
+    """The machine's load average over 1, 5 and 15 minutes (it is shared: say how busy it was)."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def featurize_tasks(dask_scheduler) -> tuple[int, int]:
     """On the scheduler: its featurize tasks, and how many of them a worker is running."""
     tasks = [t for key, t in dask_scheduler.tasks.items() if str(key).startswith("featurize-")]
@@ -156,24 +158,23 @@ def inventory_run(n: int, work: pathlib.Path, workers: int) -> dict:
             time.sleep(0.1)
         time.sleep(2.0)  # the client goes on submitting: its peak and the scheduler's a little later
         result = {"keys": n, "first task s": first, "client": peak_rss(client.pid), "scheduler": peak_rss(cluster.scheduler.pid),
-                  "submitted": cluster.client.run_on_scheduler(featurize_tasks)[0]}
+                  "submitted": cluster.client.run_on_scheduler(featurize_tasks)[0], "load": load()}
     finally:
         client.kill()
         client.wait()
         log.close()
         cluster.stop()
     said = (folder / "client.log").read_text(errors="replace")
-    listed = re.search(r"(\d+) images in (\d+) partitions of up to (\d+).*\(listed in ([\d.]+) s\)", said)
+    listed = re.search(r"first (\d+) partitions of up to (\d+) images listed in ([\d.]+) s \((\d+) of (\d+) data files\)", said)
     if first is None or not listed:
         raise RuntimeError(f"the run did not reach its first featurize task: see {folder / 'client.log'}")
-    result |= {"images": int(listed[1]), "partitions": int(listed[2]), "size": int(listed[3]), "listing s": float(listed[4])}
-    print(f"  first featurize task after {first:.1f} s; {result['images']:,} images in {result['partitions']:,} partitions "
-          f"of up to {result['size']}; client {mib(result['client'])}, scheduler {mib(result['scheduler'])}", flush=True)
+    size = int(listed[2])
+    result |= {"partitions": -(-n // size), "size": size, "first listed": int(listed[1]), "listing s": float(listed[3]),
+               "files": f"{listed[4]} of {listed[5]}"}
+    print(f"  first featurize task after {first:.1f} s; {result['partitions']:,} partitions of up to {size}, the first "
+          f"{result['first listed']:,} listed in {result['listing s']:.1f} s ({result['files']} data files); "
+          f"client {mib(result['client'])}, scheduler {mib(result['scheduler'])}; {load()}", flush=True)
     return result
-
-
-def mib(n: int | None) -> str:
-    return "–" if n is None else f"{n / 2**20:.0f} MiB"
 
 
 def main() -> int:
@@ -202,11 +203,13 @@ def main() -> int:
 def print_table(results: list[dict], prefix: dict | None, args) -> None:
     print(f"\nInventory (CSV.gz, AWS's layout) as --input, {args.workers} worker processes of 1 thread; "
           f"run stopped at its first featurize task")
-    print("| keys | first featurize task | client peak | scheduler peak | partitions (images a task) | tasks submitted then | listing on the workers |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("| keys | first featurize task | client peak | scheduler peak | partitions (images a task) | tasks submitted then | "
+          "first data files listed (partitions) | load average then |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in results:
         print(f"| {r['keys']:,} | {r['first task s']:.1f} s | {mib(r['client'])} | {mib(r['scheduler'])} | "
-              f"{r['partitions']:,} ({r['size']}) | {r['submitted']:,} | {r['listing s']:.1f} s |")
+              f"{r['partitions']:,} ({r['size']}) | {r['submitted']:,} | {r['files']}: {r['listing s']:.1f} s ({r['first listed']:,}) | "
+              f"{r['load']} |")
     if results:
         largest, smallest = results[-1], results[0]
         ratio = largest["client"] / smallest["client"]
@@ -221,6 +224,14 @@ def print_table(results: list[dict], prefix: dict | None, args) -> None:
         print("|---|---:|---:|---|")
         print(f"| the client alone | {prefix['client s']:.1f} | {prefix['client images']:,} | |")
         print(f"| {prefix['workers']} worker processes | {prefix['workers s']:.1f} | {prefix['workers images']:,} | {prefix['same']} |")
+        print("\n| LIST calls alone (boto3, 1,000 keys a page) | calls | seconds | calls / s | the server's CPU s (its one process) |")
+        print("|---|---:|---:|---:|---:|")
+        for c in prefix["calls"]:
+            print(f"| {c['clients']} client process{'es' if c['clients'] > 1 else ''} at once | {c['calls']} | {c['seconds']:.1f} | "
+                  f"{c['calls'] / c['seconds']:.2f} | {c['server cpu']:.1f} |")
+        one, many = prefix["calls"]
+        print(f"LIST calls: {many['clients']} clients {one['seconds'] / many['seconds']:.2f}x the speed of one; the server busy "
+              f"{one['server cpu'] / one['seconds']:.2f} and {many['server cpu'] / many['seconds']:.2f} of a core")
         speedup = prefix["client s"] / prefix["workers s"]
         print(f"\nspeed-up {speedup:.1f}x\n{'GOAL' if speedup >= GOALS['prefix speedup'] else 'MISS'}: "
               f">= {GOALS['prefix speedup']}x faster with {prefix['workers']} workers")
@@ -272,6 +283,11 @@ def prefix_runs(n: int, workers: int, work: pathlib.Path) -> dict:
     print(f"\nprefix: {n:,} objects in the S3 server in {time.perf_counter() - made:.1f} s", flush=True)
     url, result = "s3://camera/photos", {"keys": n, "folders": -(-n // per_folder), "workers": workers}
     try:
+        folders = [f"photos/{i:04d}/" for i in range(result["folders"])]
+        result["calls"] = [list_calls(endpoint, folders, clients) for clients in (1, workers)]
+        for c in result["calls"]:
+            print(f"  LIST calls alone, {c['clients']} client processes: {c['calls']} calls in {c['seconds']:.1f} s; "
+                  f"the server's CPU {c['server cpu']:.1f} s; {load()}", flush=True)
         by_client = list_by(url, endpoint, "client", work)
         cluster = Cluster(work / "prefix-cluster", workers)
         try:  # warm workers, as the client's process is when it starts listing: each has imported the pipeline
@@ -285,6 +301,36 @@ def prefix_runs(n: int, workers: int, work: pathlib.Path) -> dict:
                "workers images": by_workers["images"], "same": "yes" if by_client["digest"] == by_workers["digest"] else "NO"}
     print(f"  client alone {by_client['seconds']:.1f} s, {workers} workers {by_workers['seconds']:.1f} s; same rows: {result['same']}")
     return result
+
+
+LIST_CALLS = """
+import json, sys, time
+import boto3
+endpoint, folders = sys.argv[1], json.loads(sys.argv[2])
+s3 = boto3.client("s3", endpoint_url=endpoint)
+calls = 0
+for folder in folders:
+    ask = {"Bucket": "camera", "Prefix": folder, "MaxKeys": 1000}
+    while True:
+        page = s3.list_objects_v2(**ask)
+        calls += 1
+        if not page.get("IsTruncated"):
+            break
+        ask["ContinuationToken"] = page["NextContinuationToken"]
+print(json.dumps({"calls": calls}))
+"""
+
+
+def list_calls(endpoint: str, folders: list[str], clients: int) -> dict:
+    """The LIST calls alone (boto3, pages of 1,000 keys) of every folder, by `clients` processes at once, each its
+    share of the folders; with the CPU seconds the server (this process's threads) spent meanwhile."""
+    shares = [folders[i::clients] for i in range(clients)]
+    cpu, started = time.process_time(), time.perf_counter()
+    running = [subprocess.Popen([sys.executable, "-c", LIST_CALLS, endpoint, json.dumps(share)], env=child_env(),
+                                stdout=subprocess.PIPE, text=True) for share in shares]
+    calls = sum(json.loads(process.communicate(timeout=1200)[0].strip().splitlines()[-1])["calls"] for process in running)
+    seconds = time.perf_counter() - started
+    return {"clients": clients, "calls": calls, "seconds": seconds, "server cpu": time.process_time() - cpu}
 
 
 def list_by(url: str, endpoint: str, address: str, work: pathlib.Path) -> dict:

@@ -1,5 +1,6 @@
 """Inventories and listing files as input: the workers read them, data file by data file, and the rows are
 those a listed prefix gives, in the same order; the client holds the manifest and the partitions' byte ranges."""
+import dataclasses
 import gzip
 import io
 import json
@@ -11,7 +12,7 @@ import pyarrow.orc
 import pyarrow.parquet as pq
 import pytest
 import s3fs
-from distributed import Client
+from distributed import Client, as_completed, get_task_stream
 
 import pipeline
 from pipeline import cli, config, source
@@ -33,13 +34,14 @@ def objects(fs, bucket: str) -> list[dict]:
             for info in fs.find(bucket, detail=True).values()]
 
 
-def write_inventory(fs, destination: str, rows: list[dict], fmt: str, n_files: int = 3, day: str = "2026-12-01T01-00Z") -> str:
+def write_inventory(fs, destination: str, rows: list[dict], fmt: str, n_files: int = 3, day: str = "2026-12-01T01-00Z",
+                    chunks: list[list[dict]] | None = None) -> str:
     """An S3 Inventory in AWS's layout under `destination` (a bucket, or a folder holding a copy of one): rows spread
-    over `n_files` data files (CSV.gz with URL-encoded keys, ORC or Parquet); returns the manifest's path."""
+    over `n_files` data files (CSV.gz with URL-encoded keys, ORC or Parquet), or the `chunks` given; returns the manifest's path."""
     config_folder = f"inventories/{rows[0]['bucket']}/daily"
     files = []
-    for i in range(n_files):
-        chunk = rows[i::n_files]  # every data file spans the whole key range: the workers must sort them together
+    # by default every data file spans the whole key range: the workers must sort them together
+    for i, chunk in enumerate(chunks or [rows[i::n_files] for i in range(n_files)]):
         key = f"{config_folder}/data/{day}-{i}.{ {'csv': 'csv.gz', 'orc': 'orc', 'parquet': 'parquet'}[fmt] }"
         if fmt == "csv":
             lines = "".join(",".join(f'"{value}"' for value in (
@@ -246,3 +248,65 @@ def test_cluster_plan_reads_the_number_of_images_from_an_inventory(tmp_path, cap
         assert abs(listings.open_listing(manifest, {}, EXTENSIONS, None).estimate - 1234) < 1234 * 0.2
     assert cli.main(["cluster", "plan", "cluster/local.yaml", "--images", manifest]) == 0
     assert "1,234 images" in capsys.readouterr().out
+
+
+def planned(spread, address, out) -> tuple[listings.Partitions, list[int]]:
+    """What `run` plans from a Spread: the partitions as the workers list them, and the order they were handed on in."""
+    out_fs = source.open_url(str(out), {})[0]
+    with Client(address) as client:
+        plan = listings.plan(spread, client, out_fs, str(out), 4)
+        order = [index for index, *_ in plan.ready]
+        for future, result in as_completed(list(plan.pending), with_results=True):
+            plan.add(future, result)
+            order += [index for index, *_ in plan.ready]
+            plan.ready.clear()
+    assert listings.plan(spread, None, out_fs, str(out), 4).listed == plan.listed  # what --resume reads back
+    return plan.listed, order
+
+
+def output_rows(listed: listings.Partitions, out) -> list[str]:
+    """The paths of the output's parts, one after another, as run_parts and sink.finish_partition make them."""
+    out_fs, paths = source.open_url(str(out), {})[0], []
+    for indices, low, high in listed.output_parts():
+        rows = pd.concat([sink.partition_rows(out_fs, *listed.parts[i][:2]) for i in indices]).path
+        paths += sorted(p for p in rows if (low is None or p >= low) and (high is None or p < high))
+    return paths
+
+
+def test_data_files_are_handed_on_in_order_as_listed_and_the_output_keeps_path_order_where_they_share_paths(dask_cluster, tmp_path):
+    rows = [{"bucket": "camera", "key": f"photos/{n // 10:03d}/{n:05d}.jpg", "version_id": None, "is_latest": True,
+             "is_delete_marker": False, "size": 1, "last_modified_date": pd.Timestamp("2026-12-01", tz="UTC"), "e_tag": f"e{n}",
+             "storage_class": "STANDARD"} for n in range(90)]
+    keys = [r["key"] for r in rows]
+    fs = source.open_url(str(tmp_path), {})[0]
+    apart = [r for three in zip(rows[60:], rows[:30], rows[30:60]) for r in three]  # data file i holds apart[i::3]: keys 60-89, 0-29, 30-59
+    for name, inventory in (("shared", rows), ("apart", apart)):  # 3 data files each spanning every key, or a stretch each
+        spread = listings.open_listing(write_inventory(fs, str(tmp_path / name), inventory, "csv", n_files=3), {}, EXTENSIONS, None)
+        listed, order = planned(spread, dask_cluster, tmp_path / f"out-{name}")
+        assert order == list(range(len(listed.parts))) and listed.images == 90  # each partition handed on once, in order
+        assert output_rows(listed, tmp_path / f"out-{name}") == keys  # every key once, sorted across the output's parts
+        if name == "apart":  # 8 partitions of 4 a data file; the output takes them whole, in the keys' order
+            assert listed.outputs == [*range(8, 24), *range(0, 8)]
+        else:  # cut into ranges of paths, each taking the rows of the partitions that reach into it
+            assert any(not isinstance(part, int) for part in listed.outputs)
+
+
+@pytest.mark.slow
+def test_a_run_featurizes_the_first_data_files_while_the_workers_list_the_others(bucket, s3_endpoint, dask_cluster, tmp_path):
+    options = {"endpoint_url": s3_endpoint}
+    rows = objects(bucket, "fruits")
+    others = [rows[0] | {"key": f"archive/{n:07d}.jpg"} for n in range(100_000)]  # a data file long to list, none under the prefix
+    fs = source.open_url(str(tmp_path), {})[0]
+    manifest = write_inventory(fs, str(tmp_path / "inventory"), rows, "csv", chunks=[rows, others])
+    settings = pipeline.settings(input=manifest, input_prefix="fruits-360", output=str(tmp_path / "out"), cluster=dask_cluster,
+                                 weights="random", image_size=32, images_per_partition=16, storage_options=options)
+    with Client(dask_cluster) as client, get_task_stream(client) as tasks:
+        done = pipeline.run(settings, progress=False, say=lambda message: None)
+    started = {prefix: [s["start"] for task in tasks.data if task["key"].startswith(prefix) for s in task["startstops"]
+                        if s["action"] == "compute"] for prefix in ("featurize-", "list-")}
+    ended = max(s["stop"] for task in tasks.data if task["key"].startswith("list-") for s in task["startstops"])
+    assert min(started["featurize-"]) < ended  # the first partitions featurized before the last data file was listed
+    images = pd.read_parquet(tmp_path / "out" / "images.parquet")
+    listed = source.list_images("s3://fruits/fruits-360", options, EXTENSIONS)
+    assert list(images.path) == list(listed.rows.path) and list(images.identity) == list(listed.rows.identity)
+    assert done["counts"]["listed"] == len(listed.rows) and done["counts"]["partitions"] == -(-len(listed.rows) // 16)

@@ -103,7 +103,7 @@ def update(
 
     done = job.featurize_fit_write(
         s, out, listing, weights, lambda client: UpdateFit(out, s, progress),
-        lambda staged: (partitions(out.path, changes, staged, s.images_per_partition),
+        lambda staged, listed: (partitions(out.path, changes, staged, s.images_per_partition),
                         sum(part.kept for part in changes.parts) + sum(p["rows"] for p in staged)),
         kept_errors=changes.kept_errors.to_dict("records"), say=say, progress=progress, client=client, timings=timings,
     )

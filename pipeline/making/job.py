@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.metadata
-import itertools
 import logging
 import platform
 import time
@@ -82,8 +81,7 @@ def run(
 
     done = featurize_fit_write(
         s, out, listing, weights, lambda client: FullFit(client, out, s, spec.n_features, progress),
-        lambda staged: ([sink.OutputPart(sink.part_name(i), staged=(p["staged"],)) for i, p in enumerate(staged) if p["rows"]],
-                        sum(p["rows"] for p in staged)),
+        lambda staged, listed: (run_parts(staged, listed), sum(p["rows"] for p in staged)),
         say=say, progress=progress, client=client, timings=timings,
     )
     if isinstance(s.n_components, int) and done.pca.n_components < s.n_components:
@@ -152,14 +150,14 @@ class Done:
 
 def featurize_fit_write(
     s: Settings, out: Output, listing: source.Listing, weights: featurize.Weights,
-    fit_on: Callable[[object], Fit], parts_of: Callable[[list[dict]], tuple[list[sink.OutputPart], int]], *,
+    fit_on: Callable[[object], Fit], parts_of: Callable[[list[dict], listings.Partitions], tuple[list[sink.OutputPart], int]], *,
     kept_errors: list[dict] = (), say: Callable[[str], None], progress: bool, client, timings: dict,
 ) -> Done:
     """On the cluster: featurize and stage the listing's images, fit the PCA, project and write every part.
 
     run and update differ only in what they list, how they fit (`fit_on`: given the client) and
-    which parts they write (`parts_of`: given the staged partitions, the parts and the rows they
-    will hold); the errors of images not featurized again (`kept_errors`) join the new ones.
+    which parts they write (`parts_of`: given the staged partitions and what was listed, the parts and
+    the rows they will hold); the errors of images not featurized again (`kept_errors`) join the new ones.
     Everything is written under _staging/.
     """
     key = featurize.ModelKey(s.model, s.image_size, weights.used, s.seed, s.backend)
@@ -175,11 +173,22 @@ def featurize_fit_write(
             pca = fit.pca(staged)
             pca.save(out.fs, out / f"{sink.STAGING}/{sink.PCA}")
         with stopwatch(timings, "project + write"):
-            parts, n_rows = parts_of(staged)
+            parts, n_rows = parts_of(staged, listed)
             written = write_output(client, parts, n_rows, out.fs, out.path, progress, preprocess.details(listing.fs, listing.root))
         with stopwatch(timings, "index"):
             built = build_index(out, pca.n_components, written, say)
         return Done(staged, errors, pca, len(parts), written, workers, client.dashboard_link, listed.images, listed.skipped, built)
+
+
+def run_parts(staged: list[dict], listed: listings.Partitions) -> list[sink.OutputPart]:
+    """A run's output parts in path order: each a staged partition, or where the listing's data files shared
+    paths, the rows of a few in a range of paths (listings.Partitions.outputs)."""
+    parts = []
+    for indices, low, high in listed.output_parts():
+        sources = tuple(staged[i]["staged"] for i in indices if staged[i]["rows"])
+        if sources:
+            parts.append(sink.OutputPart(sink.part_name(len(parts)), sources, low=low, high=high))
+    return parts
 
 
 def build_index(out: Output, width: int, rows: int, say: Callable[[str], None]) -> dict:
@@ -260,12 +269,13 @@ def outcome(listed: int, skipped: int, done: Done, timings: dict, featurized: in
 def stage_features(client, listing, key, s: Settings, out_fs, out: str, progress: bool, resources=None,
                    staged_one: Callable[[int, str], None] = lambda index, path: None,
                    say: Callable[[str], None] = lambda message: None) -> tuple[list[dict], listings.Partitions]:
-    """Featurize every partition on the workers (those with `resources`) and stage its features, in order;
-    returns each partition's result and what was listed.
+    """Featurize every partition on the workers (those with `resources`) and stage its features;
+    returns each partition's result, in the partitions' order, and what was listed.
 
     Each task is given its partition's byte range in a partitions file under `_staging/` (written here, or
-    by the workers for an inventory or listing file), not its rows, and its result is let go once read,
-    so that a worker lost later is not asked to redo it.
+    by the workers for an inventory, a listing file or a prefix), not its rows, and its result is let go
+    once read, so that a worker lost later is not asked to redo it. Where the workers list, a data file's
+    partitions are featurized as soon as it (and every one before it) is listed, while they list the rest.
     Partitions an interrupted run already staged are not featurized again: their summary is read back.
     `staged_one(index, path)` is called as each partition with rows is staged (or found staged).
     The partitions redone because a worker was lost are counted in each result's "redone".
@@ -274,54 +284,69 @@ def stage_features(client, listing, key, s: Settings, out_fs, out: str, progress
     done = set(out_fs.find(f"{out}/{sink.STAGED}"))
     size = config.partition_size(s.images_per_partition, listing.estimate)
     started = time.perf_counter()
-    listed = listings.partitions(listing, client, out_fs, out, size, say)
-    say(f"{listed.images} images in {len(listed.parts)} partitions of up to {size}; non-image files skipped: "
-        f"{listed.skipped} (listed in {time.perf_counter() - started:.1f} s)")
+    plan = listings.plan(listing, client, out_fs, out, size, say)
+
     def submit(index: int, todo: str, byte_range: tuple[int, int]):
         staged = f"{out}/{sink.STAGED}/{sink.part_name(index)}"
         if staged in done:
             return client.submit(sink.staged_summary, out_fs, staged, key=f"resume-{index}-{client.id}")
-        featurizing.add(f"featurize-{index}-{client.id}")
+        featurizing.add(index)
         return client.submit(
             featurize.featurize_partition, todo, byte_range, listing.fs, listing.root, key, s.batch_size,
             images.Limits.of(s), s.storage_options, out_fs, staged, key=f"featurize-{index}-{client.id}",
             resources=resources,
         )
 
-    # At most `window` tasks are submitted at a time, more as they finish: the client's futures (some KB each)
-    # stay bounded however many partitions there are, and the workers always have work queued.
+    def submit_ready() -> None:
+        """Submit partitions ready to featurize while fewer than `window` are: the client's futures (some KB each)
+        stay bounded however many partitions there are, and the workers always have work queued."""
+        while len(futures) < window and plan.ready:
+            index, path, byte_range, n_images = plan.ready.popleft()
+            future = submit(index, path, byte_range)
+            futures[future] = (index, n_images)
+            running.add(future)
+
+    def said_listed() -> None:
+        say(f"{plan.listed.images} images in {len(plan.listed.parts)} partitions of up to {size}; non-image files skipped: "
+            f"{plan.listed.skipped} (listed in {time.perf_counter() - started:.1f} s)")
+
     window = max(WINDOW, 8 * sum(client.nthreads().values()))
-    featurizing: set[str] = set()
-    todo = iter(enumerate(listed.parts))
-    results: list[dict] = [{}] * len(listed.parts)
+    featurizing: set[int] = set()  # the partitions submitted to featurize (not found staged)
+    results: dict[int, dict] = {}
     futures = {}
-    for index, (path, byte_range, n_images) in itertools.islice(todo, window):
-        futures[submit(index, path, byte_range)] = (index, n_images)
-    running = as_completed(list(futures), with_results=True)
-    with progress_bar("featurize", listed.images, progress) as bar:
+    running = as_completed(plan.pending, with_results=True)
+    if plan.listed is not None:
+        said_listed()
+    submit_ready()
+    with progress_bar("featurize", plan.estimate, progress) as bar:
         for future, result in running:
+            if future not in futures:  # a data file listed by a worker
+                if plan.add(future, result):
+                    said_listed()
+                    bar.total = plan.listed.images
+                    bar.refresh()
+                submit_ready()
+                continue
             index, n_images = futures.pop(future)
             staged = f"{out}/{sink.STAGED}/{sink.part_name(index)}"
             results[index] = result | {"staged": staged, "images": n_images, "resumed": staged in done}
             if result["rows"]:
                 staged_one(index, staged)
             bar.update(n_images)
-            for following, (path, byte_range, count) in itertools.islice(todo, 1):
-                future = submit(following, path, byte_range)
-                futures[future] = (following, count)
-                running.add(future)
+            submit_ready()
     for index in redone(client, featurizing):
         results[index]["redone"] = True
-    return results, listed
+    return [results[index] for index in range(len(results))], plan.listed
 
 
-def redone(client, keys: set[str]) -> list[int]:
-    """The partitions among `keys` that a lost worker was computing, or held unread: the scheduler redid them."""
-    lost = set()
+def redone(client, indices: set[int]) -> list[int]:
+    """The partitions among `indices` that a lost worker was computing, or held unread: the scheduler redid them."""
+    lost, ours = set(), f"-{client.id}"
     for _, event in client.get_events("all"):
         if isinstance(event, dict) and event.get("action") == "remove-worker":
-            lost |= keys & {str(key) for key in [*event.get("processing-tasks", ()), *event.get("lost-computed-tasks", ())]}
-    return sorted(int(key.split("-")[1]) for key in lost)
+            keys = (str(key) for key in [*event.get("processing-tasks", ()), *event.get("lost-computed-tasks", ())])
+            lost |= {int(key.split("-")[1]) for key in keys if key.startswith("featurize-") and key.endswith(ours)} & indices
+    return sorted(lost)
 
 
 def write_output(client, parts: list[sink.OutputPart], n_rows: int, out_fs, out: str, progress: bool, details=None) -> int:

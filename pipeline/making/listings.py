@@ -7,9 +7,11 @@ The client gets back byte ranges, counts and each group's first and last path: n
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import posixpath
+import time
 import urllib.parse
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -60,14 +62,25 @@ class KeyRange:
 
 @dataclasses.dataclass(frozen=True)
 class Partitions:
-    """What the workers listed: each partition's file, byte range and images, and the files skipped."""
+    """What was listed: each partition's file, byte range and images, the files skipped, and the output's parts.
+
+    `outputs` gives the output's parts in path order: a partition's index (the part is that partition), or
+    [indices, low, high] (the rows of those partitions with paths in [low, high): where data files share paths).
+    None: every partition in turn, in its own order.
+    """
 
     parts: list[tuple[str, tuple[int, int], int]]
     skipped: int
+    outputs: list | None = None
 
     @property
     def images(self) -> int:
         return sum(n for _, _, n in self.parts)
+
+    def output_parts(self) -> Iterator[tuple[list[int], str | None, str | None]]:
+        """The output's parts in path order: the partitions each takes its rows from, and its range of paths."""
+        for part in self.outputs if self.outputs is not None else range(len(self.parts)):
+            yield ([part], None, None) if isinstance(part, int) else tuple(part)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,19 +154,142 @@ def open_input(s, say=lambda message: None) -> "source.Listing | Spread":
 
 
 def partitions(listing: "source.Listing | Spread", client, out_fs, out: str, size: int, say=lambda message: None) -> Partitions:
-    """Write the listing's partitions, `size` images each: the client's rows here, a Spread's on the workers."""
+    """Write the listing's partitions, `size` images each, in path order: the client's rows here, a Spread's on the
+    workers (data files that share paths sorted together). `plan` is what a run uses: it need not wait for them all."""
     if isinstance(listing, Spread):
-        saved = f"{out}/{sink.STAGING}/partitions.json"
-        if out_fs.exists(saved):  # an interrupted command's: its staged partitions are these
-            plan = sink.read_json(out_fs, saved)
-            return Partitions([(path, tuple(byte_range), n) for path, byte_range, n in plan["parts"]], plan["skipped"])
         sink.make_folder(out_fs, f"{out}/{sink.STAGING}/partitions")
-        listed = listing.partitions(client, out_fs, out, size, say)
-        sink.write_json(out_fs, saved, dataclasses.asdict(listed))
-        return listed
+        return listing.partitions(client, out_fs, out, size, say)
+    return written_here(listing, out_fs, out, size)
+
+
+def written_here(listing: "source.Listing", out_fs, out: str, size: int) -> Partitions:
+    """The client's own listing written as partitions, `size` rows each (sink.write_partitions)."""
     path, n = f"{out}/{sink.PARTITIONS}", len(listing.rows)
     ranges = sink.write_partitions(out_fs, path, listing.rows, size)
     return Partitions([(path, byte_range, min(size, n - i * size)) for i, byte_range in enumerate(ranges)], listing.skipped)
+
+
+def plan(listing: "source.Listing | Spread", client, out_fs, out: str, size: int, say=lambda message: None) -> "Plan":
+    """The partitions to featurize, `size` images each, as they become known: a listing made here (or saved by an
+    interrupted command) all at once; a Spread's data file by data file, as the workers list them."""
+    if not isinstance(listing, Spread):
+        return Plan(written_here(listing, out_fs, out, size))
+    saved = f"{out}/{sink.STAGING}/partitions.json"
+    if out_fs.exists(saved):  # an interrupted command's: its staged partitions are these
+        listed = sink.read_json(out_fs, saved)
+        return Plan(Partitions([(path, tuple(byte_range), n) for path, byte_range, n in listed["parts"]], listed["skipped"],
+                               listed.get("outputs")))
+    sink.make_folder(out_fs, f"{out}/{sink.STAGING}/partitions")
+    return Plan(None, Listers(listing, client, out_fs, out, size, saved, say))
+
+
+class Plan:
+    """Partitions handed on in order as they are known (`ready`): every one at once, or those of each data file
+    once it and every data file before it are listed, while the workers list the others (`pending`)."""
+
+    def __init__(self, listed: Partitions | None, listers: "Listers | None" = None):
+        self.listers, self.listed = listers, listed
+        self.ready = collections.deque()  # (index, file, byte range, images) not yet taken
+        self.pending = listers.futures if listers else []
+        if listed is not None:
+            self.ready.extend((i, *part) for i, part in enumerate(listed.parts))
+
+    @property
+    def estimate(self) -> int:
+        return self.listed.images if self.listed is not None else self.listers.estimate
+
+    def add(self, future, result: dict) -> bool:
+        """A data file listed by a worker: its partitions (and any that waited for it) join `ready`; True once every
+        data file is listed (then `listed` is complete, saved for --resume)."""
+        self.ready.extend(self.listers.add(future, result))
+        if self.listers.done:
+            self.listed = self.listers.finish()
+        return self.listed is not None
+
+
+class Listers:
+    """A Spread's data files listed by the workers, a task each, at a lower priority than featurizing: a worker
+    lists a data file when it has no partition to featurize. A data file's partitions are numbered on from those
+    of the data files before it (so that a rerun numbers them alike, for --resume); the output's parts follow the
+    data files' first paths, and where data files share paths, the rows of theirs are cut into ranges of paths."""
+
+    def __init__(self, spread: Spread, client, out_fs, out: str, size: int, saved: str, say):
+        bare = dataclasses.replace(spread, files=())  # each task is sent its own data file only
+        self.client, self.out_fs, self.saved, self.size, self.say = client, out_fs, saved, size, say
+        self.futures = [client.submit(list_group, bare, [data_file], out_fs, f"{out}/{sink.STAGING}/partitions/{i:05d}.arrow", size,
+                                      key=f"list-{i}-{client.id}", pure=False, priority=-1)
+                        for i, data_file in enumerate(spread.files)]
+        self.at = {future.key: i for i, future in enumerate(self.futures)}
+        self.results: list[dict | None] = [None] * len(self.futures)
+        self.next = 0  # the first data file whose partitions are not yet handed on
+        self.parts: list[tuple[str, tuple[int, int], int]] = []
+        self.estimate, self.started = spread.estimate, time.perf_counter()
+
+    @property
+    def done(self) -> bool:
+        return self.next == len(self.results)
+
+    def add(self, future, result: dict) -> list[tuple[int, str, tuple[int, int], int]]:
+        """A data file's listing: the partitions now handed on (its own and later ones', if it was the next)."""
+        self.results[self.at.pop(future.key)] = result
+        ready = []
+        while self.next < len(self.results) and self.results[self.next] is not None:
+            listed, start = self.results[self.next], len(self.parts)
+            for byte_range, n in zip(listed.pop("ranges"), listed.pop("counts")):
+                ready.append((len(self.parts), listed["path"], tuple(byte_range), n))
+                self.parts.append(ready[-1][1:])
+            listed["indices"] = range(start, len(self.parts))
+            self.next += 1
+        if ready and len(self.parts) == len(ready):
+            others = len(self.results) - self.next
+            self.say(f"first {len(ready)} partitions of up to {self.size} images listed in {time.perf_counter() - self.started:.1f} s "
+                     f"({self.next} of {len(self.results)} data files)" + (f": featurized while the workers list the other {others}" if others else ""))
+        return ready
+
+    def finish(self) -> Partitions:
+        """Every data file listed: the output's parts in path order, saved with the partitions for --resume."""
+        order = sorted(((r["first"], r["last"], r["indices"]) for r in self.results if r["images"]), key=lambda g: g[0])
+        outputs, last = [], None
+        clusters = []  # runs of data files that share paths
+        for first, end, indices in order:
+            if clusters and last is not None and first <= last:
+                clusters[-1].append(indices)
+            else:
+                clusters.append([indices])
+            last = max(last or "", end)
+        for cluster in clusters:
+            if len(cluster) == 1:
+                outputs.extend(cluster[0])
+            else:
+                outputs.extend(self.cut(cluster))
+        listed = Partitions(self.parts, sum(r["skipped"] for r in self.results), outputs)
+        sink.write_json(self.out_fs, self.saved, {"parts": listed.parts, "skipped": listed.skipped, "outputs": outputs})
+        return listed
+
+    def cut(self, cluster: list[range]) -> list[list]:
+        """Output parts for data files that share paths: ranges of paths cut at each partition's first path, each
+        taking the rows of the partitions that reach into it (the shared stretch of paths is read once a data file)."""
+        indices = [i for indices in cluster for i in indices]
+        self.say(f"{len(cluster)} of the listing's data files share paths: their {len(indices)} partitions are cut into ranges")
+        bounds = self.client.gather([self.client.submit(partition_bounds, self.out_fs, *self.parts[i][:2], priority=1, pure=False)
+                                     for i in indices])
+        spans = sorted(zip(bounds, indices))  # ((first, last), index) by first path
+        cuts = sorted({first for (first, _), _ in spans})
+        outputs, active, at = [], [], 0
+        for k, low in enumerate(cuts):
+            high = cuts[k + 1] if k + 1 < len(cuts) else None
+            while at < len(spans) and (high is None or spans[at][0][0] < high):
+                active.append(spans[at])
+                at += 1
+            active = [span for span in active if span[0][1] >= low]
+            outputs.append([sorted(index for _, index in active), low, high])
+        return outputs
+
+
+def partition_bounds(fs, path: str, byte_range: tuple[int, int]) -> tuple[str, str]:
+    """On a worker: the first and last path of one partition."""
+    paths = sink.partition_rows(fs, path, byte_range)["path"]
+    return paths.iloc[0], paths.iloc[-1]
 
 
 def gathered(spread: Spread) -> "source.Listing":
@@ -263,7 +399,12 @@ def estimated(files_fs, files: tuple[DataFile, ...], sample: int = 1 << 20) -> i
             rows, size = orc.ORCFile(f).nrows, first.bytes
         else:
             head = f.read(sample)
-            text = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(head) if first.path.endswith(".gz") else head
+            if first.path.endswith(".gz"):  # at most `sample` bytes of text: a MiB of keys may unzip to 20
+                unzip = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                text = unzip.decompress(head, sample)
+                head = head[: len(head) - len(unzip.unconsumed_tail)]
+            else:
+                text = head
             rows, size = text.count(b"\n"), len(head)
     return int(rows / max(size, 1) * sum(f.bytes for f in files))
 
