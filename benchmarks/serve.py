@@ -4,7 +4,7 @@
    (Recognizer.features) on decoded photos, one image per call (median ms) and batches of 32
    (images/s). It is measured right before and right after each level of clients, and each level
    is compared with the mean of the two: on a shared machine the floor moves from minute to minute.
-2. The server, with its defaults (serve.max-batch 32): N clients (1, 8, 32), each sending one photo
+2. The server, with its defaults (serve.max-batch auto: 8 on a CPU): N clients (1, 8, 32), each sending one photo
    after the other (raw JPEG bodies, keep-alive; aiohttp, whose client costs the shared cores
    about a tenth of httpx's) for --seconds: latency p50/p95/p99, images/s, photos per model call.
 3. A soak: --soak requests from --soak-clients clients, one in ten a bad upload (truncated, not an
@@ -246,7 +246,8 @@ def main(argv=None) -> int:
                     break
             except httpx.TransportError:
                 time.sleep(0.5)
-        limit = httpx.get(f"{url}/info").json()["max_upload_bytes"]
+        info = httpx.get(f"{url}/info").json()
+        limit, batch = info["max_upload_bytes"], info["max_batch"]
         good = [p.read_bytes() for p in photos]
         asyncio.run(load(url, good, 8, total=64))  # warm
         for clients in map(int, args.clients.split(",")):
@@ -271,7 +272,8 @@ def main(argv=None) -> int:
         log.close()
         bare.close()
 
-    print("\nbare model: its own process, measured right before and right after each level; ratios against their mean\n")
+    print(f"\nserver: at most {batch} photos a model call (serve.max-batch); bare model: its own process, measured right before "
+          "and right after each level; ratios against their mean\n")
     print("| clients | answered | p50 ms | p95 ms | p99 ms | images/s | photos a model call | bare one image ms | bare batch-32 images/s "
           "| p50 / bare one image | images/s / bare batch-32 rate | load average (1/5/15 min) |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 import pipeline
-from pipeline.making import sink
+from pipeline.making import featurize, sink
 from pipeline.reading import serve
 from pipeline.config import SAMPLE_DIR
 
@@ -305,6 +305,7 @@ def test_the_page_and_the_schema_are_served(server):
     assert {"/recognize", "/labels", "/thumbnails/{row}", "/healthz", "/metrics"} <= set(schema["paths"])
     info = server.client.get("/info").json()
     assert len(info["labels"]) == 13 and info["corrections"] is True
+    assert info["max_batch"] == (256 if featurize.visible_gpus() else serve.CPU_MAX_BATCH)  # serve.max-batch: auto
 
 
 def test_durations_read_as_seconds():
