@@ -11,8 +11,10 @@ Written under OUT: photos/<the fruit's own path>.jpg (on a background), white/<s
 truth.csv: path, the fruit's box in the photo (left, top, right, bottom: pixels, right and bottom
 excluded), the photo's size, its background, the fruit's size across as a fraction of the photo's
 shorter side (10–60%), its rotation and gain. Photo i is made from seed [seed, i]: the same set on
-every machine. `--every N` takes every Nth fruit of each folder (the 1st, the (N+1)th...), the
-hold-out of the recognition benchmark.
+every machine. JPEG quality as a phone saves its photos, chroma subsampled 4:2:0: 95 below 4 MP (a
+1600 × 1200 composite is 0.5–0.8 MB), 90 from 4 MP (a 4000 × 3000 one 1.9–2.3 MB, 3.3–4.0 at 95).
+`--every N` takes every Nth fruit of each folder (the 1st, the (N+1)th...), the hold-out of the
+recognition benchmark; `--backgrounds` pastes on other photographs of scikit-image than the 12 below.
 """
 from __future__ import annotations
 
@@ -126,11 +128,17 @@ def dms(degrees: float) -> tuple[float, float, float]:
     return (float(whole), float(minutes), round(((degrees - whole) * 60 - minutes) * 60, 4))
 
 
+def camera_quality(size: tuple[int, int]) -> int:
+    """The JPEG quality a phone would save a photo of this size at: 95 below 4 MP, 90 from there, so that
+    both sizes are 0.5–3 MB (the sensor noise costs a 12 MP photo 3.3–4.0 MB at 95)."""
+    return 95 if size[0] * size[1] < 4_000_000 else 90
+
+
 def make_one(job: tuple) -> dict:
-    number, fruit_path, relative, out, size, seed, quality = job
+    number, fruit_path, relative, out, size, seed, quality, backgrounds = job
     fruit = fruit_rgba(fruit_path)
     rng = np.random.default_rng([seed, number])
-    name = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+    name = backgrounds[int(rng.integers(len(backgrounds)))]
     state = rng.bit_generator.state
     row = {"path": relative}
     for folder, backdrop in (("photos", background(name)), ("white", None)):
@@ -139,7 +147,7 @@ def make_one(job: tuple) -> dict:
         exif = exif_for(number, np.random.default_rng([seed, number, 1]))
         target = out / folder / relative
         target.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(pixels).save(target, quality=quality, exif=exif.tobytes())
+        Image.fromarray(pixels).save(target, quality=quality, subsampling="4:2:0", exif=exif.tobytes())
         row |= truth
     return row | {"width": size[0], "height": size[1], "background": name, "fruit": str(fruit_path)}
 
@@ -162,13 +170,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every", type=int, default=1, help="take every Nth photo of each folder (default 1: all)")
     parser.add_argument("--count", type=int, help="at most this many photos")
     parser.add_argument("--size", default="1600x1200", help="photo size WIDTHxHEIGHT (default 1600x1200; 4000x3000: 12 MP)")
-    parser.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
+    parser.add_argument("--quality", type=int, help="JPEG quality, chroma subsampled 4:2:0 (default 95 below 4 MP, 90 above)")
+    parser.add_argument("--backgrounds", default=",".join(BACKGROUNDS),
+                        help="scikit-image's photographs to paste on, comma-separated file names (default: the 12 above)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
     size = tuple(int(v) for v in args.size.lower().split("x"))
     chosen = fruits(args.source, args.every)[: args.count]
-    jobs = [(i, path, relative, args.out, size, args.seed, args.quality) for i, (path, relative) in enumerate(chosen)]
+    quality = args.quality or camera_quality(size)
+    backgrounds = tuple(name.strip() for name in args.backgrounds.split(",") if name.strip())
+    jobs = [(i, path, relative, args.out, size, args.seed, quality, backgrounds) for i, (path, relative) in enumerate(chosen)]
     with concurrent.futures.ProcessPoolExecutor(args.workers) as pool:
         rows = list(pool.map(make_one, jobs, chunksize=4))
     args.out.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ import pathlib
 import shutil
 import sys
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -58,7 +59,11 @@ def jpeg(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("number, background", [(3, "coins.png"), (40, "rocket.jpg"), (77, "astronaut.png"), (120, "grass.png")])
+@pytest.mark.parametrize("number, background", [
+    (3, "coins.png"), (40, "rocket.jpg"), (77, "astronaut.png"), (120, "grass.png"),
+    # backgrounds with fruit colours: a red saucer, a cat's nose and eyes, a red motorcycle, an orange suit
+    (100, "coffee.png"), (105, "chelsea.png"), (115, "motorcycle_left.png"), (20, "astronaut.png"),
+])
 def test_the_fruit_is_found_where_the_generator_put_it(number, background):
     data, truth = composite(number, background)
     done = preprocess.prepare(data, RECIPE)
@@ -69,6 +74,35 @@ def test_the_fruit_is_found_where_the_generator_put_it(number, background):
     assert done.pixels.shape == (100, 100, 3) and (done.width, done.height) == (640, 480)
     corners = done.pixels[[0, 0, -1, -1], [0, -1, 0, -1]]
     assert corners.min() >= 250  # the background is white
+
+
+def disc(shape, centre, radius) -> np.ndarray:
+    mask = np.zeros(shape, np.uint8)
+    cv2.circle(mask, centre, radius, 1, thickness=-1)
+    return mask
+
+
+def test_of_fruit_coloured_blobs_the_one_that_stands_out_whole_round_and_large_looks_most_like_a_fruit():
+    lab = np.zeros((96, 128, 3), np.uint8)
+    lab[:] = (120, 160, 150)  # a fruit-coloured scene...
+    lab[20:70, 10:60] = (60, 170, 150)  # ...with a darker apple in it
+    apple, same = disc(lab.shape[:2], (35, 45), 22), disc(lab.shape[:2], (95, 45), 22)
+    stick = np.zeros(lab.shape[:2], np.uint8)
+    stick[10:80, 90:98] = 1
+    small = disc(lab.shape[:2], (35, 45), 8)
+    likeness = {name: preprocess.fruit_likeness(lab, blob) for name, blob in
+                {"apple": apple, "same colours as around it": same, "stick": stick, "small": small}.items()}
+    assert max(likeness, key=likeness.get) == "apple" and likeness["same colours as around it"] < 0.1 * likeness["apple"]
+
+
+def test_grabcut_grows_a_seed_of_the_fruits_lit_side_to_all_of_it():
+    rng = np.random.default_rng(0)
+    photo = np.clip(rng.normal(128, 12, (240, 320, 3)), 0, 255).astype(np.uint8)  # grey, noisy
+    fruit = disc(photo.shape[:2], (160, 120), 60)
+    lit = fruit & (1 - disc(photo.shape[:2], (190, 120), 60))  # its left crescent, where the light falls
+    photo[fruit > 0], photo[lit > 0] = (110, 20, 30), (210, 70, 60)
+    cut = preprocess.grabcut(photo, lit)
+    assert iou(preprocess.boxes(cut, 0)[0], (100, 60, 221, 181)) >= 0.9
 
 
 def test_a_photo_without_fruit_is_no_fruit_found():

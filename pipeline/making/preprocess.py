@@ -2,10 +2,11 @@
 
 For each photo: decode at reduced scale (JPEG draft), find the fruit, crop a square around it with a
 margin, set everything that is not the fruit to white, resize, encode as JPEG. Finding the fruit
-needs no model: a colour histogram of fruits on white (`colours`, by default the shipped sample)
-says which colours of the photo are more likely fruit than the photo at large (histogram back-
-projection); the most fruit-like blob is then cut out by OpenCV's GrabCut (`method: grabcut`), or
-taken as it is (`method: colour`, faster, rougher edges).
+needs no model: colour histograms of fruits on white (`colours`, by default the shipped sample)
+say which colours of the photo are more likely fruit than the photo at large (histogram back-
+projection, in two colour spaces); of the fruit-coloured blobs, the one that stands out from its
+surroundings, whole, round and large is cut out by OpenCV's GrabCut (`method: grabcut`), or taken
+as it is (`method: colour`, faster, rougher edges).
 
 The pure steps (photo → mask → boxes → thumbnail) are `open_photo`, `fruit_mask`, `boxes`, `thumbnail`,
 all in `prepare`. The command's flow (listing, partitions, resume, update, commit) is the pipeline's:
@@ -39,14 +40,20 @@ from .featurize import Weights
 from ..output import Output, errors as output_errors
 
 METHODS = ("grabcut", "colour")
-AB_BINS = 32  # the colour histogram: a × b of CIE Lab (8-bit), each in this many bins; lightness ignored
+SPACES = ("ab", "hs")  # colours compared as a × b of CIE Lab and as hue × saturation of HSV (lightness ignored):
+# each finds fruits the other misses (a dark red apple has little a × b but a red hue)
+BINS = 32  # the colour histograms: each plane (8-bit) in this many bins
 WORK_SIDE = 128  # the fruit is first looked for at this many pixels on the photo's longer side
 RATIO_SURE = 16  # a colour this many times likelier among fruits than in the background is surely fruit
 WHITE = 230  # this close to white on every channel: the white of a photo on white
 WHITE_BORDER = 0.25  # a photo whose border is this much white is on white: the rest of it is fruit
 BORDER = 0.1  # the background is first taken from this fraction of the photo, along its edges
 ITERATIONS = 2  # of GrabCut
-CUT_SIDE = 100  # GrabCut runs on the fruit's neighbourhood at most this many pixels across
+CUT_SIDE = 90  # GrabCut runs on the fruit's neighbourhood at most this many pixels across
+CANDIDATES = 3  # fruit-coloured blobs kept of each colour space and pass
+TRIED = 2  # the most fruit-like of them cut by a quick GrabCut (1 iteration, QUICK_SIDE across) and compared,
+CLOSE = 0.5  # when the runner-up looks at least this much as fruit-like as the first (else the first is taken)
+QUICK_SIDE = 48
 NO_WEIGHTS = Weights("none")  # preprocess runs no model: its plan records none
 
 
@@ -152,109 +159,189 @@ def degrees(dms, ref, negative: str) -> float | None:
 
 
 @functools.cache
-def colour_prior(colours: str) -> np.ndarray:
-    """P(a, b | fruit): the a × b histogram of the fruit pixels of white-background photos under `colours`.
+def colour_prior(colours: str) -> dict[str, np.ndarray]:
+    """P(colour | fruit) in each of SPACES: the histograms of the fruit pixels of white-background photos under `colours`.
 
     `colours`: a folder (or fsspec URL) of such photos, "sample" for the shipped Fruits-360 sample.
     Cached per process: it is read once per worker.
     """
+    import cv2
+
     url = str(config.SAMPLE_DIR) if colours == "sample" else colours
     listing = source.list_images(url, {}, ("jpg", "jpeg", "png"))
-    histogram = np.zeros((AB_BINS, AB_BINS), np.float64)
+    histograms = {space: np.zeros((BINS, BINS), np.float64) for space in SPACES}
     for data in source.read_many(listing.fs, [f"{listing.root}/{path}" for path in listing.rows["path"]][:2000]):
         if isinstance(data, BaseException):
             continue
         rgb = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
         fruit = rgb.min(axis=2) < 230
-        histogram += ab_histogram(rgb, fruit)
-    if not histogram.sum():
+        for space in SPACES:
+            histograms[space] += colour_histogram(rgb, space, fruit)
+    if not histograms[SPACES[0]].sum():
         raise UsageError(f"no fruit pixels in the photos under {url} (`preprocess.colours`): give photos of fruits on white")
+    blurred = {space: cv2.GaussianBlur(h.astype(np.float32), (3, 3), 0) for space, h in histograms.items()}  # a colour next
+    return {space: h / h.sum() for space, h in blurred.items()}  # to a fruit's, under other light, is a fruit's too
+
+
+def colour_planes(rgb: np.ndarray, space: str) -> np.ndarray:
+    """The two 8-bit colour planes of an RGB image in `space` (H × W × 2): Lab's a, b or HSV's hue, saturation."""
     import cv2
 
-    histogram = cv2.GaussianBlur(histogram.astype(np.float32), (3, 3), 0)  # a colour next to a fruit's, under other light
-    return histogram / histogram.sum()
+    if space == "ab":
+        return np.ascontiguousarray(cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB)[..., 1:])
+    return np.ascontiguousarray(cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV_FULL)[..., :2])
 
 
-def ab_histogram(rgb: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
-    """The a × b histogram (AB_BINS²) of an RGB image's pixels (those of `where`)."""
+def colour_histogram(rgb: np.ndarray, space: str, where: np.ndarray | None = None) -> np.ndarray:
+    """The BINS × BINS histogram of an RGB image's pixels (those of `where`) in `space`."""
+    return planes_histogram(colour_planes(rgb, space), where)
+
+
+def planes_histogram(planes: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
     import cv2
 
-    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB)
     mask = None if where is None else where.astype(np.uint8)
-    return cv2.calcHist([lab], [1, 2], mask, [AB_BINS, AB_BINS], [0, 256, 0, 256])
+    return cv2.calcHist([planes], [0, 1], mask, [BINS, BINS], [0, 256, 0, 256])
 
 
-def fruitness(rgb: np.ndarray, prior: np.ndarray, background: np.ndarray | None = None) -> np.ndarray:
-    """How much likelier each pixel's colour is among fruits than in the photo's background (0–1, smoothed).
-
-    `background`: where the background is thought to be (default: the whole photo).
-    """
+def fruitness(planes: np.ndarray, prior: np.ndarray, background: np.ndarray | None = None) -> np.ndarray:
+    """How much likelier each pixel's colour (`colour_planes` of the photo in the prior's space) is among fruits
+    than in the photo's background (0–1, smoothed). `background`: where the background is thought to be
+    (default: the whole photo)."""
     import cv2
 
-    own = cv2.GaussianBlur(ab_histogram(rgb, background), (3, 3), 0) + 1e-3
+    own = cv2.GaussianBlur(planes_histogram(planes, background), (3, 3), 0) + 1e-3
     ratio = prior / (own / own.sum())
     score = np.clip(np.log(np.maximum(ratio, 1e-9)) / np.log(RATIO_SURE), 0, 1).astype(np.float32)
-    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB)
-    a, b = lab[..., 1] // (256 // AB_BINS), lab[..., 2] // (256 // AB_BINS)
-    return cv2.GaussianBlur(score[a, b], (5, 5), 0)
+    bins = planes // (256 // BINS)
+    return cv2.GaussianBlur(score[bins[..., 0], bins[..., 1]], (5, 5), 0)
 
 
-def fruit_mask(rgb: np.ndarray, prior: np.ndarray, method: str = "grabcut", min_fruit: float = 0.001) -> np.ndarray:
-    """The fruit's mask (H × W uint8, 1 = fruit) of an RGB photo: the most fruit-like blob, cut by GrabCut.
+def fruit_mask(rgb: np.ndarray, priors: dict[str, np.ndarray], method: str = "grabcut", min_fruit: float = 0.001) -> np.ndarray:
+    """The fruit's mask (H × W uint8, 1 = fruit) of an RGB photo.
 
     A photo on white (most of its border) is cut by whiteness, as Fruits-360's were. Otherwise the
-    blob is looked for twice: first with the colours of the photo's border as the background's,
-    then with those of the photo less that blob's neighbourhood. Raises NoFruitFound
-    when no blob of at least `min_fruit` of the photo is fruit-coloured.
+    fruit-coloured blobs of the photo are the candidates (`candidates`); the most fruit-like
+    (`fruit_likeness`) is cut out by GrabCut, unless the runner-up comes CLOSE: then each is cut by a
+    quick GrabCut on the small photo, and the one whose cut looks most like a fruit is cut again at
+    full size (`method: colour`: the most fruit-like blob as it is). Raises NoFruitFound when no
+    blob of at least `min_fruit` of the photo is fruit-coloured.
     """
     import cv2
 
     height, width = rgb.shape[:2]
     scale = min(1.0, WORK_SIDE / max(height, width))
     small = cv2.resize(rgb, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
-    ring = max(2, round(min(small.shape[:2]) * BORDER))
-    background = np.ones(small.shape[:2], bool)
-    background[ring:-ring, ring:-ring] = False
-    if (small[background].min(axis=1) >= WHITE).mean() >= WHITE_BORDER:  # already on white (a studio photo, a thumbnail)
+    if (small[border(small.shape[:2])].min(axis=1) >= WHITE).mean() >= WHITE_BORDER:  # on white (a studio photo, a thumbnail)
         blob = best_blob((rgb.min(axis=2) < WHITE).astype(np.uint8), np.ones((height, width), np.float32), min_fruit)
         if blob is None:
             raise NoFruitFound(f"no fruit found: the photo is white but for less than {min_fruit:.1%} of it")
         return blob
-    blob = None
-    for _ in range(2):
-        if blob is not None:
-            background = cv2.dilate(blob, np.ones((9, 9), np.uint8)) == 0
-        score = fruitness(small, prior, background if background.any() else None)
-        level, _ = cv2.threshold((score * 255).astype(np.uint8), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-        candidate = cv2.morphologyEx((score > max(level / 255, 0.15)).astype(np.uint8), cv2.MORPH_OPEN,
-                                     cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)))
-        blob = best_blob(candidate, score, min_fruit)
-        if blob is None:
-            raise NoFruitFound(f"no fruit found: no part of the photo is fruit-coloured over {min_fruit:.1%} of it")
-    seed = cv2.resize(blob, (width, height), interpolation=cv2.INTER_LINEAR)
-    if method == "colour":
-        return seed
-    return grabcut(rgb, seed)
+    found = candidates(small, priors, min_fruit)
+    if not found:
+        raise NoFruitFound(f"no fruit found: no part of the photo is fruit-coloured over {min_fruit:.1%} of it")
+    lab = cv2.cvtColor(small, cv2.COLOR_RGB2LAB)
+    likeness = [fruit_likeness(lab, blob) for blob in found]
+    order = sorted(range(len(found)), key=lambda i: -likeness[i])
+    tried = [found[i] for i in order[:TRIED] if likeness[i] >= CLOSE * likeness[order[0]]]
+    if method == "grabcut" and len(tried) > 1:  # each cut quickly on the small photo: the best cut's blob is cut again
+        quick = [grabcut(small, blob, QUICK_SIDE, 1) for blob in tried]
+        tried = [tried[int(np.argmax([fruit_likeness(lab, cut) if cut.any() else 0.0 for cut in quick]))]]
+    seed = cv2.resize(tried[0], (width, height), interpolation=cv2.INTER_LINEAR)
+    return seed if method == "colour" else grabcut(rgb, seed)
 
 
-def best_blob(candidate: np.ndarray, score: np.ndarray, min_fruit: float) -> np.ndarray | None:
-    """The blob of `candidate` most like a fruit (most fruitness in all, times its roundness), holes filled;
-    None if it is smaller than `min_fruit` of the photo."""
+def border(shape: tuple[int, int]) -> np.ndarray:
+    """The BORDER of a photo of this shape, along its edges (True there)."""
+    ring = max(2, round(min(shape) * BORDER))
+    edges = np.ones(shape, bool)
+    edges[ring:-ring, ring:-ring] = False
+    return edges
+
+
+def candidates(small: np.ndarray, priors: dict[str, np.ndarray], min_fruit: float) -> list[np.ndarray]:
+    """The fruit-coloured blobs of a small photo, from each colour space in SPACES: what could be the fruit.
+
+    In each space the blobs are looked for twice: first with the colours of the photo's border as
+    the background's, then with those of the photo less the first pass's best blob's neighbourhood;
+    the CANDIDATES best of each pass are kept (blobs boxed like one already kept are not kept twice).
+    """
+    import cv2
+
+    found: list[np.ndarray] = []
+    for space in SPACES:
+        planes, background, blob = colour_planes(small, space), border(small.shape[:2]), None
+        for _ in range(2):
+            if blob is not None:
+                background = cv2.dilate(blob, np.ones((9, 9), np.uint8)) == 0
+            score = fruitness(planes, priors[space], background if background.any() else None)
+            level, _ = cv2.threshold((score * 255).astype(np.uint8), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+            coloured = cv2.morphologyEx((score > max(level / 255, 0.15)).astype(np.uint8), cv2.MORPH_OPEN,
+                                        cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)))
+            blobs = ranked_blobs(coloured, score, min_fruit)[:CANDIDATES]
+            if not blobs:
+                break
+            blob = blobs[0]
+            found += [b for b in blobs if all(box_iou(cv2.boundingRect(b), cv2.boundingRect(kept)) < 0.8 for kept in found)]
+    return found
+
+
+def box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    """Intersection over union of two (x, y, width, height) boxes."""
+    inside = max(0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])) * max(0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    return inside / max(a[2] * a[3] + b[2] * b[3] - inside, 1)
+
+
+def fruit_likeness(lab: np.ndarray, blob: np.ndarray) -> float:
+    """How much a blob of a (small, Lab) photo looks like a fruit: its colours unlike those of a ring around it
+    (1 − the Bhattacharyya coefficient of their L × a × b histograms), times its roundness, times its size
+    across (of the photo's shorter side): the subject of a photo stands out, whole, round and large."""
+    import cv2
+
+    _, _, w, h = cv2.boundingRect(blob)
+    band = max(2, max(w, h) // 4)
+    ring = cv2.dilate(blob, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * band + 1, 2 * band + 1))) - blob
+    inside, around = (cv2.calcHist([lab], [0, 1, 2], m, [4, 8, 8], [0, 256, 0, 256, 0, 256]).ravel() for m in (blob, ring))
+    contrast = 1 - float(np.sqrt(inside / max(inside.sum(), 1) * around / max(around.sum(), 1)).sum())
+    return contrast * roundness(blob) * max(w, h) / min(blob.shape)
+
+
+def roundness(blob: np.ndarray) -> float:
+    """A blob's area over that of its smallest enclosing circle: a disc 1, a stick near 0."""
+    import cv2
+
+    contours, _ = cv2.findContours(blob, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        return 0.0
+    _, radius = cv2.minEnclosingCircle(max(contours, key=cv2.contourArea))
+    return float(blob.sum()) / max(np.pi * radius * radius, 1.0)
+
+
+def ranked_blobs(candidate: np.ndarray, score: np.ndarray, min_fruit: float) -> list[np.ndarray]:
+    """The blobs of `candidate` at least `min_fruit` of the photo, holes filled, most fruit-like first (most
+    fruitness in all, times roundness)."""
     import cv2
 
     count, labels, stats, _ = cv2.connectedComponentsWithStats(candidate.astype(np.uint8), connectivity=8)
     totals = np.bincount(labels.ravel(), weights=score.ravel(), minlength=count)
-    best, best_value = None, 0.0
+    ranked = []
     for index in range(1, count):
-        if stats[index, cv2.CC_STAT_AREA] < max(4, min_fruit * candidate.size):
-            continue
-        blob = fill_holes((labels == index).astype(np.uint8))
-        contours, _ = cv2.findContours(blob, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        _, radius = cv2.minEnclosingCircle(max(contours, key=cv2.contourArea))
-        roundness = blob.sum() / max(np.pi * radius * radius, 1.0)  # a disc: 1, a stick: near 0
-        if totals[index] * roundness > best_value:
-            best, best_value = blob, totals[index] * roundness
-    return best
+        if stats[index, cv2.CC_STAT_AREA] >= max(4, min_fruit * candidate.size):
+            x, y, w, h = stats[index, :4]  # the blob worked on in its box: the same, faster
+            blob = fill_holes((labels[y : y + h, x : x + w] == index).astype(np.uint8))
+            ranked.append((totals[index] * roundness(blob), index, (x, y, blob)))
+    found = []
+    for _, _, (x, y, blob) in sorted(ranked, key=lambda item: (-item[0], item[1])):
+        whole = np.zeros(candidate.shape, np.uint8)
+        whole[y : y + blob.shape[0], x : x + blob.shape[1]] = blob
+        found.append(whole)
+    return found
+
+
+def best_blob(candidate: np.ndarray, score: np.ndarray, min_fruit: float) -> np.ndarray | None:
+    """The blob of `candidate` most like a fruit, holes filled; None if none is `min_fruit` of the photo."""
+    ranked = ranked_blobs(candidate, score, min_fruit)
+    return ranked[0] if ranked else None
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
@@ -267,37 +354,56 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     return filled
 
 
-def grabcut(rgb: np.ndarray, seed: np.ndarray, iterations: int = ITERATIONS) -> np.ndarray:
-    """GrabCut's fruit around the `seed` blob, run on its neighbourhood at ≤ CUT_SIDE pixels across.
+def convex_hull(mask: np.ndarray) -> np.ndarray:
+    """The smallest convex mask around all of `mask` (a fruit is convex: a blob of its lit side grows to all of it)."""
+    import cv2
 
-    The seed's core is fruit, its edge probably fruit, a ring around it probably background and
-    what lies further surely background: GrabCut learns both colour models from there and moves the edge.
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    hull = np.zeros_like(mask)
+    if contours:
+        cv2.fillPoly(hull, [cv2.convexHull(np.vstack(contours))], 1)
+    return hull
+
+
+def grabcut(rgb: np.ndarray, seed: np.ndarray, side: int = CUT_SIDE, iterations: int = ITERATIONS) -> np.ndarray:
+    """GrabCut's fruit around the `seed` blob's convex hull, run on its neighbourhood at ≤ `side` pixels across.
+
+    The hull's core is fruit, the rest of it probably fruit, a band around it half its size wide
+    probably background and what lies further (the band's outer edge) surely background, unless it
+    is the photo's edge: GrabCut learns both colour models from there and moves the edge. The piece
+    of its cut that holds the core is kept.
     """
     import cv2
 
     height, width = rgb.shape[:2]
-    x, y, w, h = cv2.boundingRect(seed)
+    hull = convex_hull(seed)
+    x, y, w, h = cv2.boundingRect(hull)
     pad = max(w, h) // 2 + 4
     area = (max(0, x - pad), max(0, y - pad), min(width, x + w + pad), min(height, y + h + pad))
-    patch, near = rgb[area[1] : area[3], area[0] : area[2]], seed[area[1] : area[3], area[0] : area[2]]
-    scale = min(1.0, CUT_SIDE / max(patch.shape[:2]))
+    patch, near = rgb[area[1] : area[3], area[0] : area[2]], hull[area[1] : area[3], area[0] : area[2]]
+    scale = min(1.0, side / max(patch.shape[:2]))
     size = (max(1, round(patch.shape[1] * scale)), max(1, round(patch.shape[0] * scale)))
     if scale < 1:
         patch, near = cv2.resize(patch, size, interpolation=cv2.INTER_AREA), cv2.resize(near, size, interpolation=cv2.INTER_NEAREST)
-    reach = max(2, round(max(w, h) * scale / 6))
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * reach + 1, 2 * reach + 1))
-    mask = np.full(near.shape, cv2.GC_BGD, np.uint8)
-    mask[cv2.dilate(near, kernel, iterations=2) > 0] = cv2.GC_PR_BGD
+    reach = max(1, round(max(w, h) * scale / 8))
+    core = cv2.erode(near, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * reach + 1, 2 * reach + 1)))
+    core = core if core.any() else near
+    mask = np.full(near.shape, cv2.GC_PR_BGD, np.uint8)
     mask[near > 0] = cv2.GC_PR_FGD
-    mask[cv2.erode(near, kernel) > 0] = cv2.GC_FGD
-    if (mask == cv2.GC_BGD).any() and ((mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)).any():
+    mask[core > 0] = cv2.GC_FGD
+    for edge, inside in (((slice(None), 0), area[0] > 0), ((0, slice(None)), area[1] > 0),
+                         ((slice(None), -1), area[2] < width), ((-1, slice(None)), area[3] < height)):
+        if inside:  # the band's outer edge, where it is not the photo's (the fruit may reach that)
+            mask[edge][mask[edge] == cv2.GC_PR_BGD] = cv2.GC_BGD
+    if (mask == cv2.GC_PR_BGD).any() or (mask == cv2.GC_BGD).any():
         cv2.setRNGSeed(0)  # GrabCut's k-means starts from this thread's random numbers: the same photo, the same cut
         cv2.grabCut(np.ascontiguousarray(patch[..., ::-1]), mask, None, np.zeros((1, 65), np.float64),
                     np.zeros((1, 65), np.float64), iterations, cv2.GC_INIT_WITH_MASK)
     cut = np.isin(mask, (cv2.GC_FGD, cv2.GC_PR_FGD)).astype(np.uint8)
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(cut, connectivity=8)
-    if count > 2:  # the largest piece: GrabCut may keep specks of background of the fruit's colours
-        cut = (labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))).astype(np.uint8)
+    count, labels, _, _ = cv2.connectedComponentsWithStats(cut, connectivity=8)
+    if count > 2:  # GrabCut may keep specks of background of the fruit's colours: the piece holding the core
+        cut = (labels == 1 + int(np.argmax(np.bincount(labels.ravel(), weights=core.ravel().astype(np.float64),
+                                                        minlength=count)[1:]))).astype(np.uint8)
     full = np.zeros((height, width), np.uint8)
     full[area[1] : area[3], area[0] : area[2]] = cv2.resize(cut, (area[2] - area[0], area[3] - area[1]),
                                                             interpolation=cv2.INTER_LINEAR) if scale < 1 else cut
