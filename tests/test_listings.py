@@ -289,6 +289,8 @@ def test_data_files_are_handed_on_in_order_as_listed_and_the_output_keeps_path_o
             assert listed.outputs == [*range(8, 24), *range(0, 8)]
         else:  # cut into ranges of paths, each taking the rows of the partitions that reach into it
             assert any(not isinstance(part, int) for part in listed.outputs)
+    nothing, order = planned(dataclasses.replace(spread, files=()), dask_cluster, tmp_path / "out-none")  # a manifest of no data file
+    assert (nothing.parts, nothing.outputs, order) == ([], [], [])
 
 
 @pytest.mark.slow

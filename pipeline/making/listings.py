@@ -191,6 +191,8 @@ class Plan:
         self.listers, self.listed = listers, listed
         self.ready = collections.deque()  # (index, file, byte range, images) not yet taken
         self.pending = listers.futures if listers else []
+        if listers is not None and listers.done:  # no data file at all
+            listed = self.listed = listers.finish()
         if listed is not None:
             self.ready.extend((i, *part) for i, part in enumerate(listed.parts))
 
