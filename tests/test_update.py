@@ -16,7 +16,7 @@ from scipy.linalg import subspace_angles
 
 import pipeline
 from pipeline import cli
-from pipeline.making import featurize, incremental
+from pipeline.making import featurize, incremental, listings, sink
 from pipeline.reading import index
 from pipeline.config import SAMPLE_DIR, UsageError
 from faults import interrupted_once_staged
@@ -52,6 +52,24 @@ def test_new_and_replaced_images_are_featurized_deleted_ones_dropped_the_rest_ke
     assert list(changes.featurize.path) == ["new.jpg", "replaced.jpg"]  # in path order, as listed
     assert changes.drop == {"replaced.jpg", "deleted.jpg"}
     assert (changes.added, changes.replaced, changes.removed) == (1, 1, 1)
+
+
+def test_a_listing_written_by_the_workers_is_compared_stretch_by_stretch_with_the_same_changes(tmp_path):
+    listed = [(f"{n:03d}.jpg", "2" if n % 11 == 0 else "1") for n in range(0, 90) if n % 7]  # some gone, some replaced
+    old = [(f"{n:03d}.jpg", "1") for n in range(5, 80)]  # nothing before 005 nor after 079: new at both ends
+    failed = errors(("001.jpg", "1", "decode"), ("002.jpg", "1", "read"), ("050.jpg", "1", "read"), ("077.jpg", "1", "decode"),
+                    ("200.jpg", "1", "decode"))  # one error each way, in and out of the old parts' stretches
+    whole = incremental.compare(listing(*listed), output_rows(*old, per_part=9), failed)
+    fs = pipeline.source.open_url(str(tmp_path), {})[0]
+    ranges = sink.write_partitions(fs, f"{tmp_path}/partitions.arrow", listing(*listed), 4)  # as the workers write them
+    counts = [min(4, len(listed) - i) for i in range(0, len(listed), 4)]
+    parts = listings.Partitions([(f"{tmp_path}/partitions.arrow", r, n) for r, n in zip(ranges, counts)], 0)
+    streamed = incremental.compare_listed(fs, parts, output_rows(*old, per_part=9), failed)
+    assert list(streamed.featurize.path) == list(whole.featurize.path) and len(whole.featurize) > 10
+    assert list(streamed.featurize.identity) == list(whole.featurize.identity)
+    assert streamed.drop == whole.drop and streamed.parts == whole.parts
+    assert list(streamed.kept_errors.path) == list(whole.kept_errors.path)
+    assert (streamed.added, streamed.replaced, streamed.removed) == (whole.added, whole.replaced, whole.removed)
 
 
 def test_an_image_that_failed_to_decode_is_redone_only_once_it_changes_one_that_failed_to_read_is_retried():

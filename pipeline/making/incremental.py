@@ -2,16 +2,18 @@
 
 `python -m pipeline update` lists the input again and compares it with the output, path by path
 and identity by identity (ETag, or size and mtime): new and replaced images are featurized,
-deleted ones dropped. The PCA goes on fitting with the new features alone (reduce.update), every
+deleted ones dropped. An inventory, a listing file or a prefix listed by the workers is written as
+partitions by them and compared here one stretch of paths at a time (`compare_listed`). The PCA goes on fitting with the new features alone (reduce.update), every
 row is projected again with it (features are stored: this reads and writes, but computes little),
 and the new version is committed like a run: the old one stays whole until the new manifest.
 """
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 from datetime import datetime, timezone
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -21,8 +23,8 @@ import pyarrow.compute as pc
 import cluster
 
 from . import featurize, job, listings, reduce, sink
-from .. import config
-from ..config import Settings
+from .. import config, source
+from ..config import Settings, UsageError
 from ..output import RESUME_KEYS, Output
 
 FINAL_ERRORS = pa.array(["decode", "segment"])  # errors that stay until the image changes (others are tried again)
@@ -81,32 +83,41 @@ def update(
     weights = featurize.Weights(base["weights"]["used"], base["weights"]["warning"])
     timings: dict[str, float] = {}
 
-    if out.holds(sink.RUN):
-        listing, _ = out.resume_plan(s, command="update")
-        say(f"finishing the interrupted update of {out.url}")
-    else:
-        with job.stopwatch(timings, "list"):
-            listing = listings.open_input(s)
-            if isinstance(listing, listings.Spread):  # compared here with the output, part by part
-                listing = listings.gathered(listing)
-        out.check_writable()
-        out.save_plan(s, listing, weights, command="update", base=base["finished"])
-    changes = compare(listing.rows, out.parts(), out.errors())
-    listed, listing = len(listing.rows), dataclasses.replace(listing, rows=changes.featurize.reset_index(drop=True))  # the rest only featurizes these
-    s = dataclasses.replace(s, images_per_partition=config.partition_size(s.images_per_partition, listed))
-    say(f"{listed} images under {s.input}: {changes.added} new, {changes.replaced} replaced, "
-        f"{changes.removed} removed, {len(changes.featurize)} to featurize")
-    if changes.nothing:
-        sink.remove(out.fs, out.path, sink.STAGING)
-        say(f"{out.url} is up to date")
-        return base
+    with contextlib.ExitStack() as stack:
+        if out.holds(sink.RUN):
+            listing, _ = out.resume_plan(s, command="update")
+            say(f"finishing the interrupted update of {out.url}")
+        else:
+            with job.stopwatch(timings, "list"):
+                listing = listings.open_input(s)
+            out.check_writable()
+            out.save_plan(s, listing, weights, command="update", base=base["finished"])
+        if isinstance(listing, listings.Spread):  # listed by the workers, compared here stretch by stretch
+            with job.stopwatch(timings, "cluster start"):
+                if client is None:
+                    client = stack.enter_context(cluster.connect(s.cluster, s.local_cluster, say))
+            with job.stopwatch(timings, "list"):
+                size = config.partition_size(s.images_per_partition, listing.estimate)
+                listed = listings.partitions(listing, client, out.fs, out.path, size, say)
+            changes = compare_listed(out.fs, listed, out.parts(), out.errors())
+            listed, listing = listed.images, source.Listing(listing.fs, listing.root, changes.featurize.reset_index(drop=True), listed.skipped)
+        else:
+            changes = compare(listing.rows, out.parts(), out.errors())
+            listed, listing = len(listing.rows), dataclasses.replace(listing, rows=changes.featurize.reset_index(drop=True))  # the rest only featurizes these
+        s = dataclasses.replace(s, images_per_partition=config.partition_size(s.images_per_partition, listed))
+        say(f"{listed} images under {s.input}: {changes.added} new, {changes.replaced} replaced, "
+            f"{changes.removed} removed, {len(changes.featurize)} to featurize")
+        if changes.nothing:
+            sink.remove(out.fs, out.path, sink.STAGING)
+            say(f"{out.url} is up to date")
+            return base
 
-    done = job.featurize_fit_write(
-        s, out, listing, weights, lambda client: UpdateFit(out, s, progress),
-        lambda staged, listed: (partitions(out.path, changes, staged, s.images_per_partition),
-                        sum(part.kept for part in changes.parts) + sum(p["rows"] for p in staged)),
-        kept_errors=changes.kept_errors.to_dict("records"), say=say, progress=progress, client=client, timings=timings,
-    )
+        done = job.featurize_fit_write(
+            s, out, listing, weights, lambda client: UpdateFit(out, s, progress),
+            lambda staged, listed: (partitions(out.path, changes, staged, s.images_per_partition),
+                                    sum(part.kept for part in changes.parts) + sum(p["rows"] for p in staged)),
+            kept_errors=changes.kept_errors.to_dict("records"), say=say, progress=progress, client=client, timings=timings,
+        )
     featurized = sum(part["images"] for part in done.staged)
     manifest = job.manifest_of(s, out, started, listed, listing.skipped, weights, done, timings, featurized,
                                tuple(base["model"].get("devices", [])))
@@ -176,6 +187,52 @@ def compare(listing: pd.DataFrame, parts: Iterable[tuple[str, pa.Table]], errors
         replaced=int(changed.sum()),
         removed=len(gone),
     )
+
+
+def compare_listed(fs, listed: listings.Partitions, parts: Iterable[tuple[str, pa.Table]], errors: pd.DataFrame) -> Changes:
+    """compare() of a listing the workers wrote as partitions in path order, one stretch of paths at a time: the
+    stretch from each old part's first path to the next one's, read partition by partition. The client holds
+    a stretch of the listing, two old parts and what changed, never the whole listing."""
+    rows = stretches(fs, listed)
+    next(rows)
+    old = ((name, table) for name, table in parts if len(table))
+    here = next(old, None)
+    done, low = [], None
+    while True:
+        following = next(old, None)
+        high = following[1]["path"][0].as_py() if following is not None else None
+        inside = np.ones(len(errors), bool)
+        if low is not None:
+            inside &= (errors.path >= low).to_numpy(dtype=bool, na_value=False)
+        if high is not None:
+            inside &= (errors.path < high).to_numpy(dtype=bool, na_value=False)
+        done.append(compare(rows.send(high), [here] if here is not None else [], errors[inside]))
+        if following is None:
+            break
+        here, low = following, high
+    return Changes(
+        featurize=pd.concat([c.featurize for c in done], ignore_index=True),
+        drop=frozenset().union(*(c.drop for c in done)),
+        kept_errors=pd.concat([c.kept_errors for c in done], ignore_index=True),
+        parts=[part for c in done for part in c.parts],
+        added=sum(c.added for c in done), replaced=sum(c.replaced for c in done), removed=sum(c.removed for c in done),
+    )
+
+
+def stretches(fs, listed: listings.Partitions) -> Iterator[pd.DataFrame]:
+    """A generator sent a path (None: the end) that answers the listing's rows before it, read partition by partition."""
+    partitions, held = iter(listed.parts), []
+    high = yield None
+    while True:
+        while not held or high is None or held[-1].path.iloc[-1] < high:
+            part = next(partitions, None)
+            if part is None:
+                break
+            held.append(sink.partition_rows(fs, *part[:2]))
+        rows = pd.concat(held, ignore_index=True) if held else pd.DataFrame({name: pd.Series([], dtype=object) for name in listings.LISTING_COLUMNS})
+        cut = len(rows) if high is None else int(rows.path.searchsorted(high))
+        held = [rows.iloc[cut:].reset_index(drop=True)] if cut < len(rows) else []
+        high = yield rows.iloc[:cut].reset_index(drop=True)
 
 
 def compare_part(name: str, table: pa.Table, listed: pa.ChunkedArray, identities: pa.ChunkedArray):

@@ -295,7 +295,8 @@ def partition_bounds(fs, path: str, byte_range: tuple[int, int]) -> tuple[str, s
 
 
 def gathered(spread: Spread) -> "source.Listing":
-    """A Spread's whole listing read here, data file by data file (what `update` compares with the output)."""
+    """A Spread's whole listing read here, data file by data file (`update` no longer does: it compares the
+    partitions the workers wrote, stretch by stretch; incremental.compare_listed)."""
     tables, skipped = [], 0
     for data_file in spread.files:
         table, others = select(read_data_file(spread, data_file), spread, encoded=is_encoded(spread, data_file))
