@@ -147,6 +147,13 @@ def test_bad_uploads_get_a_4xx_with_a_one_line_reason_and_the_service_goes_on(se
         assert response.status_code == status, name
         assert response.json()["error"].startswith(reason) and "\n" not in response.json()["error"], name
 
+    def chunks():  # no Content-Length: refused once it passes the limit, not read whole
+        for _ in range(LIMIT // 65536 + 2):
+            yield b"\xff" * 65536
+
+    chunked = server.client.post("/recognize", content=chunks())
+    assert chunked.status_code == 413 and chunked.json()["error"].startswith(f"too large: more than the limit of {LIMIT:,} bytes")
+
     no_file = server.client.post("/recognize", data={"label": "x"}, files={"other": ("a.jpg", good)})
     assert no_file.status_code == 400 and no_file.json() == {"error": "no image: the multipart form has no file field `image`"}
     assert server.client.post("/recognize", content=good).status_code == 200
