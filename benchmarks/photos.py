@@ -50,12 +50,16 @@ def make_photos():
     return module
 
 
-def composites(work: pathlib.Path, size: str, count: int | None, source: pathlib.Path) -> pathlib.Path:
-    """The held-out apples' composites at `size` (made once under work/), their folder."""
-    folder = work / f"composites-{size}-{count or 'all'}"
+def composites(work: pathlib.Path, size: str, count: int | None, source: pathlib.Path, seed: int = 0,
+               backgrounds: str | None = None) -> pathlib.Path:
+    """The held-out apples' composites at `size` (made once under work/), their folder: make_photos's
+    seed and backgrounds unless others are given (then the folder's name says so)."""
+    folder = work / "-".join(["composites", size, str(count or "all")] + ([f"seed{seed}"] if seed else [])
+                             + ([backgrounds.replace(".", "_").replace(",", "+")] if backgrounds else []))
     if not (folder / "truth.csv").exists():
-        argv = [str(folder), "--source", str(source), "--every", str(HOLD_OUT), "--size", size]
-        make_photos().main(argv + ([] if count is None else ["--count", str(count)]))
+        argv = [str(folder), "--source", str(source), "--every", str(HOLD_OUT), "--size", size, "--seed", str(seed)]
+        make_photos().main(argv + ([] if count is None else ["--count", str(count)])
+                           + ([] if backgrounds is None else ["--backgrounds", backgrounds]))
     return folder
 
 
@@ -247,14 +251,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate-count", type=int, default=20, help="photos timed at each size (default 20)")
     parser.add_argument("--method", default=None, help="grabcut or colour (default: pipeline.yaml's)")
     parser.add_argument("--pictures", type=pathlib.Path, help="draw the worst segmentations into this folder")
+    parser.add_argument("--seed", type=int, default=0, help="make_photos's seed of the composites of iou (default 0)")
+    parser.add_argument("--backgrounds", help="make_photos --backgrounds of the composites of iou (default: its 12)")
     args = parser.parse_args(argv)
     recipe = preprocess.recipe(method=args.method)
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; recipe {recipe.as_dict()}")
     small = composites(args.work, "1600x1200", args.count, args.source)
     if "iou" in args.what:
+        shown = composites(args.work, "1600x1200", args.count, args.source, args.seed, args.backgrounds)
         print("| composites | method | photos | IoU ≥ 0.85 | median | 10th pct | 5th pct | worst | no fruit found | IoU ≥ 0.85, fruit < 20% across |")
         print("|---|---|---|---|---|---|---|---|---|---|")
-        print("\n".join(measure_iou(small, recipe, args.pictures)))
+        print("\n".join(measure_iou(shown, recipe, args.pictures)))
     if "rates" in args.what:
         large = composites(args.work, "4000x3000", args.rate_count, args.source)
         print("| photo | decoded at | method | photos | decode alone, ms | pipeline's decode to 224, ms | preprocess, ms | "
