@@ -315,6 +315,14 @@ def test_the_page_and_the_schema_are_served(server):
     assert info["max_batch"] == (256 if featurize.visible_gpus() else serve.CPU_MAX_BATCH)  # serve.max-batch: auto
 
 
+def test_the_batch_wait_reads_as_milliseconds_and_says_what_it_must_be():
+    import dask.config
+
+    assert serve.milliseconds("batch-wait-ms") == 10  # pipeline.yaml's
+    with dask.config.set({"pipeline.serve.batch-wait-ms": "soon"}), pytest.raises(ValueError, match="0 or more milliseconds, got 'soon'"):
+        serve.milliseconds("batch-wait-ms")
+
+
 def test_durations_read_as_seconds():
     assert [serve.seconds(text) for text in ("30s", "10m", "1h", "600", None)] == [30, 600, 3600, 600, None]
     with pytest.raises(ValueError, match="a duration must be a positive number"):

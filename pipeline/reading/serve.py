@@ -78,6 +78,17 @@ def positive(name: str, value=None) -> int:
     return config.positive_int(f"serve.{name}", setting(name, value))
 
 
+def milliseconds(name: str) -> float:
+    """A setting in milliseconds, 0 or more."""
+    value = setting(name)
+    try:
+        if float(value) >= 0:
+            return float(value)
+    except (TypeError, ValueError):
+        pass
+    raise UsageError(f"serve.{name} must be 0 or more milliseconds, got {value!r}")
+
+
 def max_batch(recognizer: recognize.Recognizer) -> int:
     """Photos in one model call at most: serve.max-batch, or for `auto` CPU_MAX_BATCH on a CPU and featurize's batch on a GPU."""
     value = setting("max-batch")
@@ -371,11 +382,11 @@ class Service:
         self.token = None if token in (None, "") else str(token)
         self.new_labels = bool(setting("new-labels"))
         self.max_bytes, self.max_batch = positive("max-upload-bytes"), max_batch(self.version.recognizer)
-        self.wait = float(setting("batch-wait-ms")) / 1000
-        if not self.wait >= 0:
-            raise UsageError(f"serve.batch-wait-ms must be 0 or more milliseconds, got {setting('batch-wait-ms')!r}")
-        threads = setting("decode-threads") or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-        self.decoders = concurrent.futures.ThreadPoolExecutor(config.positive_int("serve.decode-threads", threads), "decode")
+        self.wait = milliseconds("batch-wait-ms") / 1000
+        threads = setting("decode-threads")
+        if threads is None:  # one per core
+            threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        self.decoders = concurrent.futures.ThreadPoolExecutor(positive("decode-threads", threads), "decode")
         self.max_pixels = dask.config.get("pipeline.max-image-pixels")
         self.thumbnail_side = positive("thumbnail-size")
         self.thumbnails: dict[tuple[str, int], bytes] = {}  # (version, row) → JPEG, the oldest dropped first
