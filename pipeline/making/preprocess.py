@@ -294,8 +294,8 @@ def box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float
 
 def fruit_likeness(lab: np.ndarray, blob: np.ndarray) -> float:
     """How much a blob of a (small, Lab) photo looks like a fruit: its colours unlike those of a ring around it
-    (1 − the Bhattacharyya coefficient of their L × a × b histograms), times its roundness, times its size
-    across (of the photo's shorter side): the subject of a photo stands out, whole, round and large."""
+    (1 − the Bhattacharyya coefficient of their L × a × b histograms), times its roundness squared, times its
+    size across (of the photo's shorter side): the subject of a photo stands out, whole, round and large."""
     import cv2
 
     _, _, w, h = cv2.boundingRect(blob)
@@ -303,7 +303,7 @@ def fruit_likeness(lab: np.ndarray, blob: np.ndarray) -> float:
     ring = cv2.dilate(blob, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * band + 1, 2 * band + 1))) - blob
     inside, around = (cv2.calcHist([lab], [0, 1, 2], m, [4, 8, 8], [0, 256, 0, 256, 0, 256]).ravel() for m in (blob, ring))
     contrast = 1 - float(np.sqrt(inside / max(inside.sum(), 1) * around / max(around.sum(), 1)).sum())
-    return contrast * roundness(blob) * max(w, h) / min(blob.shape)
+    return contrast * roundness(blob) ** 2 * max(w, h) / min(blob.shape)
 
 
 def roundness(blob: np.ndarray) -> float:
