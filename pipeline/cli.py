@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import sys
@@ -100,6 +101,31 @@ def build_parser() -> argparse.ArgumentParser:
         photos.add_argument(flag, help=text, **({"action": "store_true"} if flag == "--anon" else {}))
     photos.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors")
     photos.add_argument("--json", action="store_true", help="print the manifest as JSON on stdout instead of the summary")
+    tune = commands.add_parser(
+        "finetune",
+        help="teach the CNN the labels of --input (label folders) and write a weights file for `run --weights`",
+        description="Train the configured model at its image size (from ImageNet's weights when they can be had, else "
+        "from the seeded random ones, or from --weights) with a softmax head on the labelled images under --input, "
+        "augmented to look like preprocessed camera photos, a validation set held out by series, early stopping, and "
+        "batch-norm statistics re-estimated after training. Writes the network without its head to --output (a "
+        "WEIGHTS.weights.h5 file, any fsspec URL) and WEIGHTS.weights.h5.json beside it; `run --weights`, `update` and "
+        "`recognize` use it as any weights file. Interrupted, the same command resumes from its last finished epoch. "
+        "Settings: the `finetune` section of pipeline/pipeline.yaml.",
+    )
+    tune.add_argument("--input", required=True, help="fsspec URL or folder of labelled images (a folder per label, as for run)")
+    tune.add_argument("--output", required=True, metavar="WEIGHTS.weights.h5", help="where to write the weights (fsspec URL or path)")
+    tune.add_argument("--model", choices=sorted(MODELS), help=f"CNN to train (default {default('model')})")
+    tune.add_argument("--image-size", help=f"model input side in pixels (default {default('image-size')})")
+    tune.add_argument("--weights", help=f"starting weights: auto, imagenet, random or a weights file (default {default('weights')})")
+    tune.add_argument("--seed", help=f"seed of random weights, the split and the augmentations (default {default('seed')})")
+    tune.add_argument("--epochs", help=f"at most this many epochs (default {default('finetune.epochs')})")
+    tune.add_argument("--batch-size", help=f"images per training step (default {default('finetune.batch-size')})")
+    tune.add_argument("--learning-rate", help=f"Adam's learning rate (default {default('finetune.learning-rate')})")
+    tune.add_argument("--cluster", help="train as one task on a worker of this cluster (a GPU worker when it has one), "
+                      "as for run: 'local', tcp://host:8786 or a cluster file (default: in this process)")
+    tune.add_argument("--endpoint-url", help="S3 endpoint for input and output")
+    tune.add_argument("--anon", action="store_true", help="read a public bucket without credentials")
+    tune.add_argument("--json", action="store_true", help="print WEIGHTS.json on stdout instead of the summary")
     clusters = commands.add_parser("cluster", help="cluster files: plan what one would start, clean up what a killed run left")
     actions = clusters.add_subparsers(dest="action", required=True, parser_class=Parser)
     plan = actions.add_parser("plan", help="print the instances, their cost per hour and the settings of cluster files, "
@@ -234,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         return serve_output(args, storage)
     if args.command == "preprocess":
         return preprocess_photos(args, storage)
+    if args.command == "finetune":
+        return finetune_model(args, storage)
     quiet = args.quiet or args.json
     say = (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr, flush=True))
     started = datetime.now(timezone.utc).isoformat()  # an update that changed nothing returns an older manifest
@@ -294,6 +322,36 @@ def preprocess_photos(args: argparse.Namespace, storage: dict) -> int:
             f"photos/s       {manifest['images_per_s']:.1f} while preprocessing",
             f"output         {manifest['output']}  (thumbnails, photos.parquet; next: python -m pipeline run --input "
             f"{manifest['output']})",
+        ]))
+    return 0
+
+
+def finetune_model(args: argparse.Namespace, storage: dict) -> int:
+    """`pipeline finetune`: train, printing a line per epoch; print where the weights went and how to use them."""
+    from .making import finetune
+
+    say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731 (progress on stderr, even with --json)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            settings = config.settings(input=args.input, model=args.model, image_size=args.image_size, weights=args.weights,
+                                       seed=args.seed, storage_options=storage)
+            settings = dataclasses.replace(settings, cluster=args.cluster)  # none given: in this process
+            recipe = finetune.recipe(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate)
+            made = finetune.finetune(settings, recipe, args.output, say)
+    except config.UsageError as error:
+        fail(str(error))
+    except KeyboardInterrupt:
+        fail("interrupted; run the same command again to resume from the last finished epoch", code=130)
+    if args.json:
+        print(json.dumps(made, indent=2, ensure_ascii=False))
+    else:
+        print("\n".join([
+            f"weights        {made['weights']}  ({made['model']} at {made['image_size']} px, without its top)",
+            f"about them     {made['weights']}{finetune.ABOUT}",
+            f"training       {made['epochs']} epochs in {made['seconds']:.0f} s on the {made['device']}, best epoch {made['best_epoch']}, "
+            f"validation accuracy {made['validation_accuracy'] if made['validation_accuracy'] is None else round(made['validation_accuracy'], 3)}",
+            f"next           python -m pipeline run --input {args.input} --model {made['model']} --image-size {made['image_size']} "
+            f"--weights {made['weights']}",
         ]))
     return 0
 

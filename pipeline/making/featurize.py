@@ -46,12 +46,22 @@ class ModelSpec:
     module: str  # module in keras.applications holding its preprocess_input
     n_features: int
     imagenet_file: str  # the no-top weights file, under KERAS_APPLICATIONS
+    alpha: float | None = None  # MobileNetV2's width multiplier: every layer's channels × alpha (channel pruning)
 
 
 MODELS = {
     "mobilenet_v2": ModelSpec(
         "MobileNetV2", "mobilenet_v2", 1280,
         "mobilenet_v2/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
+    ),
+    # MobileNetV2 pruned to half and a third of its channels (its last layer keeps 1,280 features): docs/finetune.md
+    "mobilenet_v2_050": ModelSpec(
+        "MobileNetV2", "mobilenet_v2", 1280,
+        "mobilenet_v2/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5", alpha=0.5,
+    ),
+    "mobilenet_v2_035": ModelSpec(
+        "MobileNetV2", "mobilenet_v2", 1280,
+        "mobilenet_v2/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5", alpha=0.35,
     ),
     "resnet50": ModelSpec(
         "ResNet50", "resnet50", 2048, "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
@@ -277,7 +287,8 @@ def keras_network(key: ModelKey, storage_options: dict, precision: str = "float3
     keras.config.set_dtype_policy(precision)  # read by each layer as it is built
     try:
         model = getattr(keras.applications, spec.application)(
-            include_top=False, weights=None, pooling="avg", input_shape=(size, size, 3)
+            include_top=False, weights=None, pooling="avg", input_shape=(size, size, 3),
+            **({"alpha": spec.alpha} if spec.alpha else {}),
         )
     finally:
         keras.config.set_dtype_policy(policy)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 import cluster
 
-from . import featurize, listings, preprocess, reduce, sink
+from . import featurize, finetune, listings, preprocess, reduce, sink
 from .. import config, images, source
 from ..reading import index
 from ..config import Settings, UsageError, masked
@@ -228,7 +228,8 @@ def manifest_of(s: Settings, out: Output, started: datetime, listed: int, skippe
         "versions": versions(),
         "model": {"name": s.model, "n_features": spec.n_features, "image_size": s.image_size,
                   "devices": sorted(set(devices) | {part["device"] for part in done.staged if "device" in part})},
-        "weights": {"requested": s.weights, "used": weights.used, "warning": weights.warning},
+        "weights": {"requested": s.weights, "used": weights.used, "warning": weights.warning,
+                    "finetuned": finetune.about(weights.used, s.storage_options)},
         "cluster": done.workers,
         **outcome(listed, skipped, done, timings, featurized),
         "dashboard": done.dashboard,

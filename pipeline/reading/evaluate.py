@@ -37,7 +37,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from . import report
 from .. import config, source
-from ..making import reduce, sink
+from ..making import finetune, reduce, sink
 from ..config import UsageError
 from ..output import Output
 
@@ -218,7 +218,7 @@ def evaluate(images: Images, holdout: str | None = None) -> dict:
         "output": images.url,
         "model": m.get("model", {}).get("name"),
         "weights": m.get("weights", {}) | {"seed": m.get("settings", {}).get("seed")},
-        "weights_note": weights_note(m),
+        "weights_note": finetune.weights_note(m),
         "classifier": f"scikit-learn LogisticRegression(max_iter={MAX_ITER}) on the first k PCA coordinates, not standardized: "
                       "the one `recognize` answers with",
         "split": {"method": rows.method, "train": len(rows.train), "test": len(rows.test)},
@@ -259,18 +259,6 @@ def train(x: np.ndarray, y: np.ndarray) -> tuple[LogisticRegression, bool]:
         warnings.simplefilter("always", ConvergenceWarning)
         model = LogisticRegression(max_iter=MAX_ITER).fit(x, y)
     return model, not any(issubclass(w.category, ConvergenceWarning) for w in caught)
-
-
-def weights_note(manifest: dict) -> str:
-    """Which weights produced the features, said plainly when they were random."""
-    weights = manifest.get("weights", {})
-    used, seed = weights.get("used", "?"), manifest.get("settings", {}).get("seed")
-    if used == "random":
-        asked = f" (asked for {weights.get('requested')}: ImageNet's could not be downloaded)" if weights.get("warning") else ""
-        return f"random, seed {seed}{asked}: an untrained CNN; these figures are not ImageNet's"
-    if used == "imagenet":
-        return "imagenet"
-    return f"{used} (a weights file)"
 
 
 def write(scores: dict, folder: str | None = None, storage_options: dict | None = None) -> list[str]:

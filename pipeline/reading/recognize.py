@@ -37,7 +37,7 @@ import cluster
 from ..making import listings as spread_listing
 from . import index
 from .. import config, images, source
-from ..making import featurize, job, preprocess, reduce, sink
+from ..making import featurize, finetune, job, preprocess, reduce, sink
 from ..config import UsageError
 from ..output import Output
 
@@ -418,6 +418,7 @@ def command(output: str, inputs: Sequence[str], *, to: str | None = None, neighb
         raise UsageError(f"{len(items):,} images in {len(inputs)} arguments, more than `recognize.in-process-images` "
                          f"({setting('in-process-images')}): give them as one folder or prefix to recognize them on the cluster")
     recognizer = Recognizer.load(output, storage_options)
+    say(f"features by {recognizer.key.model} at {recognizer.key.image_size} px, weights: {finetune.weights_note(recognizer.manifest)}")
     if recognizer.recipe is not None:
         if many:
             raise UsageError(f"{recognizer.url} was made from preprocessed photos: preprocess the folder first (python -m "
@@ -435,7 +436,7 @@ def command(output: str, inputs: Sequence[str], *, to: str | None = None, neighb
             return recognize_folder(recognizer, listings[0], s.output, s, recognizer.client, k, progress, exact)
         return {"answers": [{"path": item.name} | dataclasses.asdict(answer)
                             for item, answer in zip(items, answers(recognizer, items, k, exact))],
-                "preprocessed": recognizer.recipe is not None}
+                "preprocessed": recognizer.recipe is not None, "weights": finetune.weights_note(recognizer.manifest)}
 
 
 def check_destination(recognizer: Recognizer, to: str, storage_options: dict) -> None:
