@@ -241,7 +241,7 @@ def fruit_mask(rgb: np.ndarray, priors: dict[str, np.ndarray], method: str = "gr
     if not found:
         raise NoFruitFound(f"no fruit found: no part of the photo is fruit-coloured over {min_fruit:.1%} of it")
     lab = cv2.cvtColor(small, cv2.COLOR_RGB2LAB)
-    likeness = [fruit_likeness(lab, blob) for blob in found]
+    likeness = [fruit_likeness(lab, convex_hull(blob)) for blob in found]  # judged as GrabCut will start from it
     order = sorted(range(len(found)), key=lambda i: -likeness[i])
     tried = [found[i] for i in order[:TRIED] if likeness[i] >= CLOSE * likeness[order[0]]]
     if method == "grabcut" and len(tried) > 1:  # each cut quickly on the small photo: the best cut's blob is cut again
@@ -294,7 +294,7 @@ def box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float
 
 def fruit_likeness(lab: np.ndarray, blob: np.ndarray) -> float:
     """How much a blob of a (small, Lab) photo looks like a fruit: its colours unlike those of a ring around it
-    (1 − the Bhattacharyya coefficient of their L × a × b histograms), times its roundness squared, times its
+    (1 − the Bhattacharyya coefficient of their L × a × b histograms), times its roundness cubed, times its
     size across (of the photo's shorter side): the subject of a photo stands out, whole, round and large."""
     import cv2
 
@@ -303,7 +303,7 @@ def fruit_likeness(lab: np.ndarray, blob: np.ndarray) -> float:
     ring = cv2.dilate(blob, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * band + 1, 2 * band + 1))) - blob
     inside, around = (cv2.calcHist([lab], [0, 1, 2], m, [4, 8, 8], [0, 256, 0, 256, 0, 256]).ravel() for m in (blob, ring))
     contrast = 1 - float(np.sqrt(inside / max(inside.sum(), 1) * around / max(around.sum(), 1)).sum())
-    return contrast * roundness(blob) ** 2 * max(w, h) / min(blob.shape)
+    return contrast * roundness(blob) ** 3 * max(w, h) / min(blob.shape)
 
 
 def roundness(blob: np.ndarray) -> float:
