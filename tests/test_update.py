@@ -64,12 +64,13 @@ def test_a_listing_written_by_the_workers_is_compared_stretch_by_stretch_with_th
     ranges = sink.write_partitions(fs, f"{tmp_path}/partitions.arrow", listing(*listed), 4)  # as the workers write them
     counts = [min(4, len(listed) - i) for i in range(0, len(listed), 4)]
     parts = listings.Partitions([(f"{tmp_path}/partitions.arrow", r, n) for r, n in zip(ranges, counts)], 0)
-    streamed = incremental.compare_listed(fs, parts, output_rows(*old, per_part=9), failed)
-    assert list(streamed.featurize.path) == list(whole.featurize.path) and len(whole.featurize) > 10
-    assert list(streamed.featurize.identity) == list(whole.featurize.identity)
-    assert streamed.drop == whole.drop and streamed.parts == whole.parts
-    assert list(streamed.kept_errors.path) == list(whole.kept_errors.path)
-    assert (streamed.added, streamed.replaced, streamed.removed) == (whole.added, whole.replaced, whole.removed)
+    for stretch in (1, 20, incremental.STRETCH):  # old rows compared at a time: a part, a few, all of them
+        streamed = incremental.compare_listed(fs, parts, output_rows(*old, per_part=9), failed, stretch)
+        assert list(streamed.featurize.path) == list(whole.featurize.path) and len(whole.featurize) > 10
+        assert list(streamed.featurize.identity) == list(whole.featurize.identity)
+        assert streamed.drop == whole.drop and streamed.parts == whole.parts
+        assert list(streamed.kept_errors.path) == list(whole.kept_errors.path)
+        assert (streamed.added, streamed.replaced, streamed.removed) == (whole.added, whole.replaced, whole.removed)
 
 
 def test_an_image_that_failed_to_decode_is_redone_only_once_it_changes_one_that_failed_to_read_is_retried():

@@ -3,9 +3,10 @@
 `python -m pipeline update` lists the input again and compares it with the output, path by path
 and identity by identity (ETag, or size and mtime): new and replaced images are featurized,
 deleted ones dropped. An inventory, a listing file or a prefix listed by the workers is written as
-partitions by them and compared here one stretch of paths at a time (`compare_listed`). The PCA goes on fitting with the new features alone (reduce.update), every
-row is projected again with it (features are stored: this reads and writes, but computes little),
-and the new version is committed like a run: the old one stays whole until the new manifest.
+partitions by them and compared here one stretch of paths at a time (`compare_listed`). The PCA goes
+on fitting with the new features alone (reduce.update), every row is projected again with it
+(features are stored: this reads and writes, but computes little), and the new version is committed
+like a run: the old one stays whole until the new manifest.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from ..config import Settings, UsageError
 from ..output import RESUME_KEYS, Output
 
 FINAL_ERRORS = pa.array(["decode", "segment"])  # errors that stay until the image changes (others are tried again)
+STRETCH = 65_536  # old rows compared at a time with the listing's paths in their range (compare_listed)
 KEPT_SETTINGS = (*(key for key in RESUME_KEYS if key not in ("input", "input_prefix")), "n_components")  # the output's
 
 
@@ -189,27 +191,31 @@ def compare(listing: pd.DataFrame, parts: Iterable[tuple[str, pa.Table]], errors
     )
 
 
-def compare_listed(fs, listed: listings.Partitions, parts: Iterable[tuple[str, pa.Table]], errors: pd.DataFrame) -> Changes:
+def compare_listed(fs, listed: listings.Partitions, parts: Iterable[tuple[str, pa.Table]], errors: pd.DataFrame,
+                   stretch: int = STRETCH) -> Changes:
     """compare() of a listing the workers wrote as partitions in path order, one stretch of paths at a time: the
-    stretch from each old part's first path to the next one's, read partition by partition. The client holds
-    a stretch of the listing, two old parts and what changed, never the whole listing."""
+    stretch from an old part's first path to that of the part some STRETCH rows on, read partition by partition.
+    The client holds a stretch of the listing, its old parts and what changed, never the whole listing."""
     rows = stretches(fs, listed)
     next(rows)
     old = ((name, table) for name, table in parts if len(table))
-    here = next(old, None)
+    following = next(old, None)
     done, low = [], None
     while True:
-        following = next(old, None)
+        here = []  # old parts of some `stretch` rows, and the stretch of paths up to the next one's first
+        while following is not None and (not here or sum(len(table) for _, table in here) < stretch):
+            here.append(following)
+            following = next(old, None)
         high = following[1]["path"][0].as_py() if following is not None else None
         inside = np.ones(len(errors), bool)
         if low is not None:
             inside &= (errors.path >= low).to_numpy(dtype=bool, na_value=False)
         if high is not None:
             inside &= (errors.path < high).to_numpy(dtype=bool, na_value=False)
-        done.append(compare(rows.send(high), [here] if here is not None else [], errors[inside]))
+        done.append(compare(rows.send(high), here, errors[inside]))
         if following is None:
             break
-        here, low = following, high
+        low = high
     return Changes(
         featurize=pd.concat([c.featurize for c in done], ignore_index=True),
         drop=frozenset().union(*(c.drop for c in done)),
@@ -220,19 +226,21 @@ def compare_listed(fs, listed: listings.Partitions, parts: Iterable[tuple[str, p
 
 
 def stretches(fs, listed: listings.Partitions) -> Iterator[pd.DataFrame]:
-    """A generator sent a path (None: the end) that answers the listing's rows before it, read partition by partition."""
+    """A generator sent a path (None: the end) that answers the listing's rows before it, read partition by partition
+    (in Arrow strings, as compare takes them)."""
     partitions, held = iter(listed.parts), []
     high = yield None
     while True:
-        while not held or high is None or held[-1].path.iloc[-1] < high:
+        while not held or high is None or held[-1]["path"][-1].as_py() < high:
             part = next(partitions, None)
             if part is None:
                 break
-            held.append(sink.partition_rows(fs, *part[:2]))
-        rows = pd.concat(held, ignore_index=True) if held else pd.DataFrame({name: pd.Series([], dtype=object) for name in listings.LISTING_COLUMNS})
-        cut = len(rows) if high is None else int(rows.path.searchsorted(high))
-        held = [rows.iloc[cut:].reset_index(drop=True)] if cut < len(rows) else []
-        high = yield rows.iloc[:cut].reset_index(drop=True)
+            start, end = part[1]
+            held.append(pa.ipc.open_stream(fs.cat_file(part[0], start=start, end=end)).read_all())
+        rows = pa.concat_tables(held).combine_chunks() if held else pa.table({name: pa.array([], pa.string()) for name in listings.LISTING_COLUMNS})
+        cut = len(rows) if high is None else pc.sum(pc.less(rows["path"], high)).as_py() or 0
+        held = [rows.slice(cut)] if cut < len(rows) else []
+        high = yield rows.slice(0, cut).to_pandas(types_mapper=pd.ArrowDtype)
 
 
 def compare_part(name: str, table: pa.Table, listed: pa.ChunkedArray, identities: pa.ChunkedArray):
