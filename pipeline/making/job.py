@@ -29,7 +29,7 @@ from ..output import Output
 log = logging.getLogger("pipeline")
 PACKAGES = ["dask", "distributed", "dask-ml", "scikit-learn", "keras", "tensorflow", "jax", "jaxlib", "torch", "numpy",
             "pillow", "pyarrow", "fsspec", "s3fs"]
-WINDOW = 2000  # featurize tasks submitted at a time, at least (see stage_features)
+WINDOW = 256  # featurize tasks submitted at a time, at least 8 a thread (see stage_features): 2,000 held ~18 MiB more on the client
 
 
 def run(
