@@ -58,7 +58,7 @@ def test_a_local_folder_gives_one_row_per_image_and_one_error_per_bad_file(dask_
     k = manifest["pca"]["n_components"]
     assert rows.pca.map(len).eq(k).all() and manifest["pca"]["variance_kept"] >= 0.95
     assert json.loads((out / "manifest.json").read_text()) == json.loads(json.dumps(manifest, default=str))
-    assert manifest["weights"] == {"requested": "random", "used": "random", "warning": None}
+    assert manifest["weights"] == {"requested": "random", "used": "random", "warning": None, "finetuned": None}
     assert not (out / "_staging").exists()
     assert "workers must see that path too" in caplog.text  # a local path, a cluster given by address
 
