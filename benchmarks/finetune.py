@@ -2,12 +2,14 @@
 
     .venv/bin/python benchmarks/finetune.py accuracy --work /tmp/finetune-bench [--model mobilenet_v2 --image-size 96]
     .venv/bin/python benchmarks/finetune.py pruning --work /tmp/finetune-bench --epochs 4 [--cells 1.0x96,0.5x96]
+    .venv/bin/python benchmarks/finetune.py speed
 
 accuracy  The apples of ../shared/data less every 10th photo of each variety, preprocessed (`python -m pipeline
           preprocess`), fine-tuned on (`python -m pipeline finetune`), then `run --weights` on them; the held-out
           fruits recognized as thumbnails and as composites (benchmarks/make_photos.py: the held-out fruits pasted on
           scikit-image's photographs, 1600 × 1200), both preprocessed by `recognize` as the output's images were.
           The same with seeded random weights, as the baseline. One table: weights, accuracies, training seconds.
+speed     The bare model's images/s for each cell of the pruning table, without training (random weights).
 pruning   MobileNetV2 at width 1.0, 0.5 and 0.35 × image size 224, 128 and 96 (the cells asked for), each trained for
           the same fixed number of epochs (--epochs): accuracy on the composites, images/s of the bare model (one
           process, batches of 32) and of `run` (its featurize rate), features per image.
@@ -151,9 +153,22 @@ def measure_pruning(args) -> None:
               f"{made['seconds']:.0f} | {load()} |", flush=True)
 
 
+def measure_speed(args) -> None:
+    """The bare model's images/s for every cell, with random weights (the speed does not depend on them): no training."""
+    from pipeline.making import featurize
+
+    print(f"machine: {os.cpu_count()} cores, load average {load()}; TensorFlow, batches of 32 images of 100 × 100")
+    print("| width | image size | bare model, images/s | features per image | load average |")
+    print("|---|---|---|---|---|")
+    for cell in args.cells.split(","):
+        width, size = cell.split("x")
+        print(f"| {width} | {size} | {bare_rate(WIDTHS[width], int(size), 'random'):.0f} | "
+              f"{featurize.MODELS[WIDTHS[width]].n_features} | {load()} |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["accuracy", "pruning"])
+    parser.add_argument("what", choices=["accuracy", "pruning", "speed"])
     parser.add_argument("--work", type=pathlib.Path, default=pathlib.Path("/tmp/finetune-bench"))
     parser.add_argument("--source", type=pathlib.Path, default=photos.APPLES, help="Fruits-360 apples (label folders)")
     parser.add_argument("--model", default="mobilenet_v2")
@@ -163,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="pruning: width x image size, comma-separated")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    measure_accuracy(args) if args.what == "accuracy" else measure_pruning(args)
+    {"accuracy": measure_accuracy, "pruning": measure_pruning, "speed": measure_speed}[args.what](args)
     return 0
 
 

@@ -286,10 +286,11 @@ def augmenter(size: int, strengths: dict, bank: np.ndarray, seed: int):
 # --- the model ---------------------------------------------------------------------------------------
 
 
-def networks(s: Settings, starting: featurize.Weights, n_labels: int, r: Recipe):
+def networks(s: Settings, starting: featurize.Weights, n_labels: int, r: Recipe, steps: int = 1):
     """(the featurizer's own network with its starting weights, a trainable classifier around it: uint8-range float
     images → label probabilities). Batch norm's moving averages follow the batches faster (bn-momentum): Keras'
-    0.99 (MobileNetV2's 0.999) would leave them near their starting values after a few hundred steps."""
+    0.99 (MobileNetV2's 0.999) would leave them near their starting values after a few hundred steps. Adam's rate
+    falls from learning-rate to 0 along a cosine over the `steps` of all the epochs: a short budget still converges."""
     import keras
 
     backbone, prepare = featurize.keras_network(featurize.ModelKey(s.model, s.image_size, starting.used, s.seed), s.storage_options)
@@ -300,7 +301,7 @@ def networks(s: Settings, starting: featurize.Weights, n_labels: int, r: Recipe)
     features = backbone(keras.layers.Lambda(prepare)(pixels))
     probabilities = keras.layers.Dense(n_labels, activation="softmax", name="labels")(keras.layers.Dropout(0.2)(features))
     classifier = keras.Model(pixels, probabilities)
-    classifier.compile(optimizer=keras.optimizers.Adam(r.learning_rate), loss="sparse_categorical_crossentropy",
+    classifier.compile(optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(r.learning_rate, steps)), loss="sparse_categorical_crossentropy",
                        metrics=["accuracy"])
     return backbone, prepare, classifier
 
@@ -424,7 +425,7 @@ def train(s: Settings, r: Recipe, weights_url: str, say: Callable[[str], None]) 
     say(f"{len(data.labels)} images, {len(data.names)} labels ({data.failed} unreadable): {len(train_y)} to train on, "
         f"{len(val_y)} held out {data.how_held_out}")
     keras.utils.set_random_seed(s.seed)
-    backbone, prepare, classifier = networks(s, starting, len(data.names), r)
+    backbone, prepare, classifier = networks(s, starting, len(data.names), r, r.epochs * -(-len(train_y) // r.batch_size))
     augment = augmenter(s.image_size, r.augment, textures(s.image_size, seed=s.seed), s.seed)
     training = (tf.data.Dataset.from_tensor_slices((train_x, train_y)).shuffle(len(train_y), seed=s.seed)
                 .batch(r.batch_size).map(lambda x, y: (augment(x), y)).prefetch(2))
