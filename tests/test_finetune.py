@@ -93,6 +93,14 @@ def test_batch_norm_statistics_are_re_estimated_from_the_training_batches():
     assert gap() < 1e-3 and before > 0.5
 
 
+def test_run_refuses_fine_tuned_weights_of_another_model_before_any_work(trained, labelled, tmp_path):
+    weights, _, _ = trained
+    s = settings(labelled, weights=str(weights), output=str(tmp_path / "out"), model="mobilenet_v2_050")
+    with pytest.raises(UsageError, match="pass --model mobilenet_v2 --image-size 32"):
+        pipeline.run(s, progress=False, say=lambda m: None)
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_weights_file_gives_inference_the_trained_networks_features(tmp_path):
     """What `finetune` writes is the network as trained, its re-estimated statistics included: the featurizer that
     `run` uses, loading the file, computes the same features as the network did at inference."""

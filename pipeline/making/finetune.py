@@ -11,8 +11,8 @@ there is one): images, batches and weights go between the storage and that worke
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
+import logging
 import os
 import pathlib
 import posixpath
@@ -32,6 +32,7 @@ from ..config import Settings, UsageError, masked
 
 SUFFIX = ".weights.h5"  # Keras 3 saves and loads weights-only files by this ending
 ABOUT = ".json"  # WEIGHTS + this: what made the weights (read by run's manifest, evaluate, recognize)
+log = logging.getLogger("pipeline")
 CHECKPOINT = ".checkpoint"  # WEIGHTS + this: the last finished epoch, removed once the weights are written
 WHITE_LEVEL = 235  # a pixel this close to white on every channel is background (as preprocess leaves it)
 SERIES = re.compile(r"^(?:(?P<series>[a-z]\w*?)_)?(?P<frame>\d+)_\d+\.\w+$", re.IGNORECASE)  # r_12_100.jpg, 12_100.jpg
@@ -512,8 +513,21 @@ def about(weights_url: str, storage_options: dict) -> dict | None:
     try:
         fs, path = source.open_url(weights_url, storage_options)
         return json.loads(fs.cat_file(path + ABOUT))
-    except (FileNotFoundError, ValueError):
+    except (OSError, ValueError):  # none beside it (FileNotFoundError), unreadable, not JSON: not ours to describe
         return None
+
+
+def check_fits(made: dict | None, model: str, image_size: int) -> None:
+    """Refuse fine-tuned weights for another model (Keras would fail on the first image, in a worker, saying only
+    that shapes differ); warn for another image size, which loads but gives features unlike those trained."""
+    if not made:
+        return
+    fix = f"pass --model {made['model']} --image-size {made['image_size']}"
+    if made["model"] != model:
+        raise UsageError(f"{made['weights']} was fine-tuned for {made['model']} at {made['image_size']} px, not {model}: {fix}")
+    if made["image_size"] != image_size:
+        log.warning(f"{made['weights']} was fine-tuned at {made['image_size']} px, not {image_size}: the features differ from "
+                    f"those it learnt; {fix}")
 
 
 def summary(made: dict | None) -> str | None:

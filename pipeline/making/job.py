@@ -66,6 +66,7 @@ def run(
         with stopwatch(timings, "list"):
             listing = listings.open_input(s)
         weights = featurize.resolve_weights(s.model, s.weights, s.seed, s.storage_options)
+        finetune.check_fits(finetune.about(weights.used, s.storage_options), s.model, s.image_size)
         out.check_writable()
         out.save_plan(s, listing, weights, command="run")
     if weights.warning:
