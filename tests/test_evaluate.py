@@ -89,7 +89,7 @@ def test_random_weights_separate_the_sample_apples_well_above_chance(sample_run,
                                          "split", "train": 91, "test": 38}
     assert scores["notes"][-1].startswith("the hold-out is random: where images come in series")  # and the sample's
     assert "Fruits-360's series of frames in 13 labels: `--holdout series`" in scores["notes"][-1]  # names have both
-    assert scores["weights"] == {"requested": "random", "used": "random", "warning": None, "seed": 0}
+    assert scores["weights"] == {"requested": "random", "used": "random", "warning": None, "seed": 0, "finetuned": None}
 
     lines = result.stdout.splitlines()
     assert lines[0].startswith(f"accuracy   {scores['accuracy']:.3f} on 38 test images, k = {scores['k']} components; chance 0.077")

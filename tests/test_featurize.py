@@ -76,7 +76,7 @@ def test_weights_load_from_a_file_or_a_bucket(random_model, photos, tmp_path, s3
 def test_a_missing_weights_file_or_unknown_model_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="weights file .* not found"):
         featurize.resolve_weights("mobilenet_v2", str(tmp_path / "none.h5"), 0, {})
-    with pytest.raises(UsageError, match="mobilenet_v2, resnet50"):
+    with pytest.raises(UsageError, match="unknown model .vgg19.: choose one of mobilenet_v2, .*resnet50"):
         featurize.model_spec("vgg19")
 
 
