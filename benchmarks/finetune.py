@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 import time
@@ -54,14 +53,7 @@ def prepared_training_set(work: pathlib.Path, source: pathlib.Path) -> pathlib.P
     """The training apples (every 10th of each variety held out), preprocessed once into work/prepared."""
     prepared = work / "prepared"
     if not (prepared / "preprocess.json").exists():
-        train, _ = photos.held_out(source)
-        copy = work / "train"
-        shutil.rmtree(copy, ignore_errors=True)
-        for path in train:
-            target = copy / path.relative_to(source)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, target)
-        pipeline_command("preprocess", "--input", str(copy), "--output", str(prepared), "--quiet")
+        pipeline_command("preprocess", "--input", str(photos.training_copy(work, source)), "--output", str(prepared), "--quiet")
     return prepared
 
 

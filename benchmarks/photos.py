@@ -193,21 +193,27 @@ def held_out(source: pathlib.Path) -> tuple[list[pathlib.Path], list[pathlib.Pat
     return train, test
 
 
+def training_copy(work: pathlib.Path, source: pathlib.Path) -> pathlib.Path:
+    """The training apples (held_out's first list) copied afresh into work/train, in their label folders."""
+    copy = work / "train"
+    shutil.rmtree(copy, ignore_errors=True)
+    for path in held_out(source)[0]:
+        target = copy / path.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+    return copy
+
+
 def measure_accuracy(work: pathlib.Path, folder: pathlib.Path, source: pathlib.Path, recipe: preprocess.Recipe) -> list[str]:
     """Accuracy of an output fitted on the training apples, on the held-out ones in five conditions."""
     import pipeline
     from pipeline.reading.recognize import Recognizer
 
-    train, test = held_out(source)
+    _, test = held_out(source)
     output = work / "output-train"
     if not (output / "manifest.json").exists():
-        copy = work / "train"
-        shutil.rmtree(copy, ignore_errors=True)
-        for path in train:
-            target = copy / path.relative_to(source)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, target)
-        pipeline.run(pipeline.settings(input=str(copy), output=str(output), weights="random"), overwrite=True, progress=False)
+        settings = pipeline.settings(input=str(training_copy(work, source)), output=str(output), weights="random")
+        pipeline.run(settings, overwrite=True, progress=False)
     recognizer = Recognizer.load(str(output))
     rows = {row["path"]: row for row in truths(folder)}
     names = [path.relative_to(source).as_posix() for path in test if path.relative_to(source).as_posix() in rows]

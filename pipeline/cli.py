@@ -97,8 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     photos.add_argument("--margin", help=f"white space each side of the fruit, a fraction of its size (default {default('preprocess.margin')})")
     photos.add_argument("--quality", help=f"JPEG quality of the thumbnails (default {default('preprocess.quality')})")
     photos.add_argument("--images-per-partition", help=f"photos per Dask task (default {default('images-per-partition')})")
-    for flag, text in (("--endpoint-url", "S3 endpoint for input and output"), ("--anon", "read a public bucket without credentials")):
-        photos.add_argument(flag, help=text, **({"action": "store_true"} if flag == "--anon" else {}))
+    storage_flags(photos, "for input and output")
     photos.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors")
     photos.add_argument("--json", action="store_true", help="print the manifest as JSON on stdout instead of the summary")
     tune = commands.add_parser(
@@ -123,8 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--learning-rate", help=f"Adam's learning rate (default {default('finetune.learning-rate')})")
     tune.add_argument("--cluster", help="train as one task on a worker of this cluster (a GPU worker when it has one), "
                       "as for run: 'local', tcp://host:8786 or a cluster file (default: in this process)")
-    tune.add_argument("--endpoint-url", help="S3 endpoint for input and output")
-    tune.add_argument("--anon", action="store_true", help="read a public bucket without credentials")
+    storage_flags(tune, "for input and output")
     tune.add_argument("--json", action="store_true", help="print WEIGHTS.json on stdout instead of the summary")
     clusters = commands.add_parser("cluster", help="cluster files: plan what one would start, clean up what a killed run left")
     actions = clusters.add_subparsers(dest="action", required=True, parser_class=Parser)
@@ -183,8 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     recognize.add_argument("--neighbours", help=f"nearest images answered with each label (default {default('recognize.neighbours')})")
     recognize.add_argument("--to", metavar="FOLDER", help="where a folder of many images writes its predictions (default OUTPUT/predictions/)")
     recognize.add_argument("--cluster", help=f"where a folder of many images is featurized, as for run (default {default('cluster')})")
-    recognize.add_argument("--endpoint-url", help="S3 endpoint of the output and the images (MinIO, a local S3 server, another region)")
-    recognize.add_argument("--anon", action="store_true", help="read a public bucket without credentials")
+    storage_flags(recognize, "of the output and the images")
     recognize.add_argument("--json", action="store_true", help="print the answers (or what was written) as JSON on stdout")
     recognize.add_argument("--exact", action="store_true", help="find the nearest images by an exact scan of every row of the "
                            "output instead of its index (slow on a large output: to check the index's answers)")
@@ -207,8 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--reload-every", metavar="DURATION", help="check this often whether the output has a new version "
                        "(made by another replica's --update-every, or an `update`) and answer from it "
                        f"(default {default('serve.reload-every')}: never)")
-    serve.add_argument("--endpoint-url", help="S3 endpoint of the output and its input (MinIO, a local S3 server, another region)")
-    serve.add_argument("--anon", action="store_true", help="read a public bucket without credentials")
+    storage_flags(serve, "of the output and its input")
     return parser
 
 
@@ -223,19 +219,23 @@ def where(command: argparse.ArgumentParser, input_help: str) -> None:
                          f"CPU workers, tensorflow on GPU ones), onnxruntime, or Keras 3's tensorflow, jax or torch (default {default('backend')})")
     command.add_argument("--gpu", choices=["auto", "true", "false"], help="featurize on the workers declaring a GPU resource: "
                          f"auto (when any does), true (only there) or false (anywhere) (default {default('gpu')})")
-    command.add_argument("--endpoint-url", help="S3 endpoint for input and output (MinIO, a local S3 server, another region)")
-    command.add_argument("--anon", action="store_true", help="read a public bucket without credentials")
+    storage_flags(command, "for input and output")
     command.add_argument("--report", metavar="FILE.html", help="save a Dask performance report of the run")
     command.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors: no progress, no summary")
     command.add_argument("--json", action="store_true", help="print the manifest as JSON on stdout instead of the summary")
+
+
+def storage_flags(command: argparse.ArgumentParser, of: str) -> None:
+    """--endpoint-url and --anon, which every command reading or writing a bucket takes."""
+    command.add_argument("--endpoint-url", help=f"S3 endpoint {of} (MinIO, a local S3 server, another region)")
+    command.add_argument("--anon", action="store_true", help="read a public bucket without credentials")
 
 
 def finished_output_arguments(parser: argparse.ArgumentParser, written: str, folder: str) -> None:
     """OUTPUT and where to write, for the commands that read a finished run (report, evaluate)."""
     parser.add_argument("output", metavar="OUTPUT", help="the --output of a finished run: folder or fsspec URL")
     parser.add_argument("--to", metavar="FOLDER", help=f"write {written} here instead of OUTPUT/{folder}/")
-    parser.add_argument("--endpoint-url", help="S3 endpoint of the output (MinIO, a local S3 server, another region)")
-    parser.add_argument("--anon", action="store_true", help="read a public bucket without credentials")
+    storage_flags(parser, "of the output")
 
 
 def main(argv: list[str] | None = None) -> int:

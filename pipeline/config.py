@@ -167,6 +167,17 @@ def evaluate_holdout(value: Any = None) -> str:
     return holdout
 
 
+def section(fields_of: type, name: str, overrides: dict) -> dict:
+    """The settings of pipeline.yaml's section `name` that dataclass `fields_of` names (DASK_PIPELINE__NAME__*
+    variables and `overrides`, None = unset, on top), unchecked: each stage checks its own."""
+    values = {field.name: dask.config.get(f"pipeline.{name}.{field.name.replace('_', '-')}",
+                                          override_with=overrides.pop(field.name, None))
+              for field in dataclasses.fields(fields_of)}
+    if overrides:
+        raise TypeError(f"unknown {name} settings: {', '.join(sorted(overrides))}")
+    return values
+
+
 def positive_int(name: str, value: Any, allow_zero: bool = False, also: str = "") -> int:
     """`value` as an int, or a UsageError naming the setting (and `also`, what else it may be)."""
     try:

@@ -22,12 +22,11 @@ import time
 from datetime import datetime, timezone
 from typing import Callable
 
-import dask.config
 import numpy as np
 from PIL import Image
 
 from . import featurize
-from .. import images, source
+from .. import config, images, source
 from ..config import Settings, UsageError, masked
 
 SUFFIX = ".weights.h5"  # Keras 3 saves and loads weights-only files by this ending
@@ -57,12 +56,7 @@ class Recipe:
 
 def recipe(**overrides) -> Recipe:
     """The `finetune` settings of pipeline.yaml (and DASK_PIPELINE__FINETUNE__* variables), `overrides` (None = unset) on top."""
-    values = {}
-    for field in dataclasses.fields(Recipe):
-        values[field.name] = dask.config.get(f"pipeline.finetune.{field.name.replace('_', '-')}",
-                                             override_with=overrides.pop(field.name, None))
-    if overrides:
-        raise TypeError(f"unknown finetune settings: {', '.join(sorted(overrides))}")
+    values = config.section(Recipe, "finetune", overrides)
     try:
         for name in ("epochs", "batch_size", "patience", "bn_batches"):
             values[name] = int(values[name])

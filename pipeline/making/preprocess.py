@@ -25,7 +25,6 @@ from typing import Callable
 
 import json
 
-import dask.config
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -79,12 +78,7 @@ class Recipe:
 
 def recipe(**overrides) -> Recipe:
     """The preprocess settings: pipeline.yaml's `preprocess` section < DASK_PIPELINE__PREPROCESS__* < `overrides`."""
-    values = {}
-    for field in dataclasses.fields(Recipe):
-        values[field.name] = dask.config.get(f"pipeline.preprocess.{field.name.replace('_', '-')}",
-                                             override_with=overrides.pop(field.name, None))
-    if overrides:
-        raise TypeError(f"unknown preprocess settings: {', '.join(sorted(overrides))}")
+    values = config.section(Recipe, "preprocess", overrides)
     for name in ("size", "quality", "decode_size"):
         values[name] = config.positive_int(f"preprocess.{name}", values[name])
     if not 1 <= values["quality"] <= 100:
