@@ -8,7 +8,7 @@ Three measurements, each printing a table (docs/photos.md holds the last ones):
     rates     one core, per photo: the reduced-scale decode alone, then the whole preprocess (decode,
               find the fruit, crop, whiten, resize, encode), at 1600 × 1200 (1.9 MP) and 4000 × 3000 (12 MP)
     accuracy  an output fitted on the apples less every 10th photo of each variety (seeded random
-              weights); the held-out photos recognized as thumbnails, thumbnails preprocessed,
+              weights, or --weights FILE of `finetune`); the held-out photos recognized as thumbnails, thumbnails preprocessed,
               composites on plain white preprocessed (the ceiling of any segmentation), composites
               on backgrounds preprocessed, and composites raw
 
@@ -204,15 +204,20 @@ def training_copy(work: pathlib.Path, source: pathlib.Path) -> pathlib.Path:
     return copy
 
 
-def measure_accuracy(work: pathlib.Path, folder: pathlib.Path, source: pathlib.Path, recipe: preprocess.Recipe) -> list[str]:
-    """Accuracy of an output fitted on the training apples, on the held-out ones in five conditions."""
+def measure_accuracy(work: pathlib.Path, folder: pathlib.Path, source: pathlib.Path, recipe: preprocess.Recipe,
+                     weights: str = "random") -> list[str]:
+    """Accuracy of an output fitted on the training apples, on the held-out ones in five conditions: with seeded random
+    weights, or a weights file `finetune` wrote (its model and image size)."""
     import pipeline
+    from pipeline.making import finetune
     from pipeline.reading.recognize import Recognizer
 
     _, test = held_out(source)
-    output = work / "output-train"
+    made = None if weights == "random" else finetune.about(weights, {})
+    output = work / ("output-train" if made is None else f"output-train-{pathlib.Path(weights).name.removesuffix(finetune.SUFFIX)}")
     if not (output / "manifest.json").exists():
-        settings = pipeline.settings(input=str(training_copy(work, source)), output=str(output), weights="random")
+        model = {} if made is None else {"model": made["model"], "image_size": made["image_size"]}
+        settings = pipeline.settings(input=str(training_copy(work, source)), output=str(output), weights=weights, **model)
         pipeline.run(settings, overwrite=True, progress=False)
     recognizer = Recognizer.load(str(output))
     rows = {row["path"]: row for row in truths(folder)}
@@ -257,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate-count", type=int, default=20, help="photos timed at each size (default 20)")
     parser.add_argument("--method", default=None, help="grabcut or colour (default: pipeline.yaml's)")
     parser.add_argument("--pictures", type=pathlib.Path, help="draw the worst segmentations into this folder")
+    parser.add_argument("--weights", default="random", help="accuracy: the output's weights, random (seeded) or a file "
+                        "`finetune` wrote (its model and image size are used)")
     parser.add_argument("--seed", type=int, default=0, help="make_photos's seed of the composites of iou (default 0)")
     parser.add_argument("--backgrounds", help="make_photos --backgrounds of the composites of iou (default: its 12)")
     args = parser.parse_args(argv)
@@ -279,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     if "accuracy" in args.what:
         print("| held-out apples as | photos | accuracy | ratio |")
         print("|---|---|---|---|")
-        print("\n".join(measure_accuracy(args.work, small, args.source, recipe)))
+        print("\n".join(measure_accuracy(args.work, small, args.source, recipe, args.weights)))
     return 0
 
 
