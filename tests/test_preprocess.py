@@ -63,6 +63,8 @@ def jpeg(pixels: np.ndarray) -> bytes:
     (3, "coins.png"), (40, "rocket.jpg"), (77, "astronaut.png"), (120, "grass.png"),
     # backgrounds with fruit colours: a red saucer, a cat's nose and eyes, a red motorcycle, an orange suit
     (100, "coffee.png"), (105, "chelsea.png"), (115, "motorcycle_left.png"), (20, "astronaut.png"),
+    # dark red apples on a dark or busy background, where a star or a red reflector is more fruit-coloured than they
+    (84, "hubble_deep_field.jpg"), (100, "hubble_deep_field.jpg"), (90, "motorcycle_left.png"),
 ])
 def test_the_fruit_is_found_where_the_generator_put_it(number, background):
     data, truth = composite(number, background)
