@@ -50,6 +50,7 @@ WHITE_BORDER = 0.25  # a photo whose border is this much white is on white: the 
 BORDER = 0.1  # the background is first taken from this fraction of the photo, along its edges
 ITERATIONS = 1  # of GrabCut (a second moves the fruit's box by little: 0.2 points of IoU ≥ 0.85 for 1.7 ms)
 CUT_SIDE = 90  # GrabCut runs on the fruit's neighbourhood at most this many pixels across
+ROUND_FRUIT = 0.9  # a fruit is round: the circle around a blob of its lit side, this much smaller, is probably fruit
 CANDIDATES = 2  # fruit-coloured blobs kept of each colour space and pass
 TRIED = 2  # the most fruit-like of them cut by a quick GrabCut (1 iteration, QUICK_SIDE across) and compared,
 CLOSE = 0.5  # when the runner-up looks at least this much as fruit-like as the first (else the first is taken)
@@ -405,31 +406,45 @@ def convex_hull(mask: np.ndarray) -> np.ndarray:
     return hull
 
 
+def enclosing_disc(mask: np.ndarray, shrink: float) -> np.ndarray:
+    """The disc of the smallest circle around a mask, its radius times `shrink` (an empty mask: none)."""
+    import cv2
+
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    disc = np.zeros_like(mask)
+    if contours:
+        (x, y), radius = cv2.minEnclosingCircle(np.vstack(contours))
+        cv2.circle(disc, (round(x), round(y)), round(radius * shrink), 1, thickness=-1)
+    return disc
+
+
 def grabcut(rgb: np.ndarray, seed: np.ndarray, side: int = CUT_SIDE, iterations: int = ITERATIONS) -> np.ndarray:
     """GrabCut's fruit around the `seed` blob's convex hull, run on its neighbourhood at ≤ `side` pixels across.
 
-    The hull's core is fruit, the rest of it probably fruit, a band around it half its size wide
-    probably background and what lies further (the band's outer edge) surely background, unless it
-    is the photo's edge: GrabCut learns both colour models from there and moves the edge. The piece
-    of its cut that holds the core is kept.
+    The hull's core is fruit, the rest of it (and of the circle around it, ROUND_FRUIT as large)
+    probably fruit, a band around it half its size wide probably background and what lies further
+    (the band's outer edge) surely background, unless it is the photo's edge: GrabCut learns both
+    colour models from there and moves the edge. The piece of its cut that holds the core is kept.
     """
     import cv2
 
     height, width = rgb.shape[:2]
     hull = convex_hull(seed)
-    x, y, w, h = cv2.boundingRect(hull)
+    likely = hull | enclosing_disc(hull, ROUND_FRUIT)
+    x, y, w, h = cv2.boundingRect(likely)
     pad = max(w, h) // 2 + 4
     area = (max(0, x - pad), max(0, y - pad), min(width, x + w + pad), min(height, y + h + pad))
-    patch, near = rgb[area[1] : area[3], area[0] : area[2]], hull[area[1] : area[3], area[0] : area[2]]
+    patch, near, likely = (image[area[1] : area[3], area[0] : area[2]] for image in (rgb, hull, likely))
     scale = min(1.0, side / max(patch.shape[:2]))
     size = (max(1, round(patch.shape[1] * scale)), max(1, round(patch.shape[0] * scale)))
     if scale < 1:
-        patch, near = cv2.resize(patch, size, interpolation=cv2.INTER_AREA), cv2.resize(near, size, interpolation=cv2.INTER_NEAREST)
+        patch = cv2.resize(patch, size, interpolation=cv2.INTER_AREA)
+        near, likely = (cv2.resize(image, size, interpolation=cv2.INTER_NEAREST) for image in (near, likely))
     reach = max(1, round(max(w, h) * scale / 8))
     core = cv2.erode(near, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * reach + 1, 2 * reach + 1)))
     core = core if core.any() else near
     mask = np.full(near.shape, cv2.GC_PR_BGD, np.uint8)
-    mask[near > 0] = cv2.GC_PR_FGD
+    mask[likely > 0] = cv2.GC_PR_FGD
     mask[core > 0] = cv2.GC_FGD
     for edge, inside in (((slice(None), 0), area[0] > 0), ((0, slice(None)), area[1] > 0),
                          ((slice(None), -1), area[2] < width), ((-1, slice(None)), area[3] < height)):
