@@ -213,8 +213,8 @@ def measure_accuracy(work: pathlib.Path, folder: pathlib.Path, source: pathlib.P
     from pipeline.reading.recognize import Recognizer
 
     _, test = held_out(source)
-    made = None if weights == "random" else finetune.about(weights, {})
-    output = work / ("output-train" if made is None else f"output-train-{pathlib.Path(weights).name.removesuffix(finetune.SUFFIX)}")
+    made = finetune.about(weights, {})  # None for random weights or a file finetune did not write
+    output = work / ("output-train" if weights == "random" else f"output-train-{pathlib.Path(weights).name.removesuffix(finetune.SUFFIX)}")
     if not (output / "manifest.json").exists():
         model = {} if made is None else {"model": made["model"], "image_size": made["image_size"]}
         settings = pipeline.settings(input=str(training_copy(work, source)), output=str(output), weights=weights, **model)

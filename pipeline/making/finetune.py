@@ -29,9 +29,9 @@ from . import featurize
 from .. import config, images, source
 from ..config import Settings, UsageError, masked
 
+log = logging.getLogger("pipeline")
 SUFFIX = ".weights.h5"  # Keras 3 saves and loads weights-only files by this ending
 ABOUT = ".json"  # WEIGHTS + this: what made the weights (read by run's manifest, evaluate, recognize)
-log = logging.getLogger("pipeline")
 CHECKPOINT = ".checkpoint"  # WEIGHTS + this: the last finished epoch, removed once the weights are written
 WHITE_LEVEL = 235  # a pixel this close to white on every channel is background (as preprocess leaves it)
 SERIES = re.compile(r"^(?:(?P<series>[a-z]\w*?)_)?(?P<frame>\d+)_\d+\.\w+$", re.IGNORECASE)  # r_12_100.jpg, 12_100.jpg
