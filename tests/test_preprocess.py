@@ -97,6 +97,19 @@ def test_of_fruit_coloured_blobs_the_one_that_stands_out_whole_round_and_large_l
     assert max(likeness, key=likeness.get) == "apple" and likeness["same colours as around it"] < 0.1 * likeness["apple"]
 
 
+def test_a_blob_coloured_as_a_whole_like_a_fruit_resembles_one_more_than_fruit_colours_mixed_otherwise():
+    colours = preprocess.colour_prior("sample")
+    thumbnail = np.asarray(Image.open(APPLES[0]).convert("RGB").resize((64, 64)))
+    apple = np.clip(thumbnail * np.array([0.8, 0.8, 0.7]), 0, 255).astype(np.uint8)  # in dimmer, warmer light
+    cup = np.zeros_like(apple)
+    cup[:, :32], cup[:, 32:] = (250, 250, 245), (150, 80, 30)  # a white rim, coffee: each in some fruit, no fruit is both
+    on_apple = (thumbnail.min(axis=2) < 230).astype(np.uint8)
+    resemblance = {name: preprocess.resemblance({space: preprocess.colour_planes(rgb, space) for space in preprocess.SPACES},
+                                                blob, colours.fruits)
+                   for name, (rgb, blob) in {"apple": (apple, on_apple), "cup": (cup, np.ones_like(on_apple))}.items()}
+    assert resemblance["apple"] > 0.8 and resemblance["cup"] < 0.6 * resemblance["apple"]
+
+
 def test_grabcut_grows_a_seed_of_the_fruits_lit_side_to_all_of_it():
     rng = np.random.default_rng(0)
     photo = np.clip(rng.normal(128, 12, (240, 320, 3)), 0, 255).astype(np.uint8)  # grey, noisy

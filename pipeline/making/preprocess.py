@@ -6,8 +6,8 @@ needs no model: colour histograms of fruits on white (`colours`, by default the 
 say which colours of the photo are more likely fruit than the photo at large (histogram back-
 projection, in two colour spaces); of the fruit-coloured blobs and the regions of a quick region
 segmentation (a dark fruit's colours may be fruit-like in no space), the one that stands out from its
-surroundings, whole, round, large and fruit-coloured is cut out by OpenCV's GrabCut (`method: grabcut`),
-or taken as it is (`method: colour`, faster, rougher edges).
+surroundings, whole, round, large, fruit-coloured and coloured as a whole like some fruit of `colours` is
+cut out by OpenCV's GrabCut (`method: grabcut`), or taken as it is (`method: colour`, faster, rougher edges).
 
 The pure steps (photo → mask → boxes → thumbnail) are `open_photo`, `fruit_mask`, `boxes`, `thumbnail`,
 all in `prepare`. The command's flow (listing, partitions, resume, update, commit) is the pipeline's:
@@ -56,9 +56,12 @@ TRIED = 2  # the most fruit-like of them cut by a quick GrabCut (1 iteration, QU
 CLOSE = 0.5  # when the runner-up looks at least this much as fruit-like as the first (else the first is taken)
 QUICK_SIDE = 48
 REGION_SIDE = 64  # candidates whatever their colour: the regions of Felzenszwalb's segmentation of the photo at this size,
-REGION_SCALE = 400  # this coarse (its `scale`: larger, larger regions),
+REGION_SCALE = 150  # this fine (its `scale`: larger, larger regions; a fruit is more often a region of its own than at 400),
 REGIONS = 5  # the largest and most fruit-coloured this many of those that touch at most one edge and cover at most
 REGION_MOST = 0.5  # this much of the photo (a region along two edges, or most of the photo, is background)
+RESEMBLING = 3  # a blob's colours compared with this many fruits' of `colours`, those closest to them (`resemblance`),
+RESEMBLANCE_POWER = 4  # and its likeness times that resemblance to this power (2 to 6 did alike on 880 composites)
+REFERENCES = 256  # the most fruits of `colours` kept for that (evenly chosen; all of the shipped sample's)
 COLOURLESS = 0.05  # a blob's fruit-coloured share counts as this much more: a fruit of no fruit colour is still judged
 LAB_BINS = [8, 16, 16]  # a blob and its surroundings compared by their histograms of L, a, b in this many bins
 NO_WEIGHTS = Weights("none")  # preprocess runs no model: its plan records none
@@ -78,7 +81,7 @@ class Recipe:
     method: str = "grabcut"
     decode_size: int = 256
     colours: str = "sample"
-    min_fruit: float = 0.001
+    min_fruit: float = 0.004
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -160,9 +163,17 @@ def degrees(dms, ref, negative: str) -> float | None:
     return round(-value if str(ref).strip("\x00 ").upper() == negative else value, 7)
 
 
+@dataclasses.dataclass(frozen=True)
+class Colours:
+    """What fruits on white say of fruits' colours, in each of SPACES (`colour_prior`)."""
+
+    prior: dict[str, np.ndarray]  # P(colour | fruit): BINS × BINS, summing to 1
+    fruits: dict[str, np.ndarray]  # each fruit's own histogram (at most REFERENCES of them), as `resemblance` compares them
+
+
 @functools.cache
-def colour_prior(colours: str) -> dict[str, np.ndarray]:
-    """P(colour | fruit) in each of SPACES: the histograms of the fruit pixels of white-background photos under `colours`.
+def colour_prior(colours: str) -> Colours:
+    """The colours of the fruit pixels of white-background photos under `colours`: all together, and each fruit's.
 
     `colours`: a folder (or fsspec URL) of such photos, "sample" for the shipped Fruits-360 sample.
     Cached per process: it is read once per worker.
@@ -172,17 +183,33 @@ def colour_prior(colours: str) -> dict[str, np.ndarray]:
     url = str(config.SAMPLE_DIR) if colours == "sample" else colours
     listing = source.list_images(url, {}, ("jpg", "jpeg", "png"))
     histograms = {space: np.zeros((BINS, BINS), np.float64) for space in SPACES}
-    for data in source.read_many(listing.fs, [f"{listing.root}/{path}" for path in listing.rows["path"]][:2000]):
+    fruits: dict[str, list[np.ndarray]] = {space: [] for space in SPACES}
+    paths = [f"{listing.root}/{path}" for path in listing.rows["path"]][:2000]
+    every = -(-len(paths) // REFERENCES)  # each fruit's histogram kept of every this many photos
+    for number, data in enumerate(source.read_many(listing.fs, paths)):
         if isinstance(data, BaseException):
             continue
         rgb = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
         fruit = rgb.min(axis=2) < 230
         for space in SPACES:
-            histograms[space] += colour_histogram(rgb, space, fruit)
+            histogram = colour_histogram(rgb, space, fruit)
+            histograms[space] += histogram
+            if number % every == 0 and histogram.sum():
+                fruits[space].append(root_histogram(histogram))
     if not histograms[SPACES[0]].sum():
         raise UsageError(f"no fruit pixels in the photos under {url} (`preprocess.colours`): give photos of fruits on white")
     blurred = {space: cv2.GaussianBlur(h.astype(np.float32), (3, 3), 0) for space, h in histograms.items()}  # a colour next
-    return {space: h / h.sum() for space, h in blurred.items()}  # to a fruit's, under other light, is a fruit's too
+    return Colours({space: h / h.sum() for space, h in blurred.items()},  # to a fruit's, under other light, is a fruit's too
+                   {space: np.stack(rows) if rows else np.zeros((0, BINS * BINS), np.float32) for space, rows in fruits.items()})
+
+
+def root_histogram(histogram: np.ndarray) -> np.ndarray:
+    """A colour histogram blurred (as the prior is), made a distribution and square-rooted, flat: the dot product of two
+    is their Bhattacharyya coefficient (1: the same colours in the same shares, 0: none in common)."""
+    import cv2
+
+    blurred = cv2.GaussianBlur(histogram.astype(np.float32), (3, 3), 0).ravel()
+    return np.sqrt(blurred / max(float(blurred.sum()), 1e-9))
 
 
 def colour_planes(rgb: np.ndarray, space: str) -> np.ndarray:
@@ -219,13 +246,13 @@ def fruitness(planes: np.ndarray, prior: np.ndarray, background: np.ndarray | No
     return cv2.GaussianBlur(score[bins[..., 0], bins[..., 1]], (5, 5), 0)
 
 
-def fruit_mask(rgb: np.ndarray, priors: dict[str, np.ndarray], method: str = "grabcut", min_fruit: float = 0.001) -> np.ndarray:
+def fruit_mask(rgb: np.ndarray, colours: Colours, method: str = "grabcut", min_fruit: float = 0.004) -> np.ndarray:
     """The fruit's mask (H × W uint8, 1 = fruit) of an RGB photo.
 
     A photo on white (most of its border) is cut by whiteness, as Fruits-360's were. Otherwise the
     fruit-coloured blobs of the photo (`candidates`) and its largest, most fruit-coloured regions
-    (`region_candidates`) are the candidates; the most fruit-like (`fruit_likeness`) is cut out by
-    GrabCut, unless the runner-up comes CLOSE: then each is cut by a quick GrabCut on the small
+    (`region_candidates`) are the candidates; the most fruit-like (`fruit_likeness`, times its colours'
+    `resemblance` to some fruit's to the RESEMBLANCE_POWER) is cut out by GrabCut, unless the runner-up comes CLOSE: then each is cut by a quick GrabCut on the small
     photo, and the one whose cut looks most like a fruit is cut again at full size (`method: colour`:
     the most fruit-like blob as it is). Raises NoFruitFound when no blob of at least `min_fruit` of
     the photo is fruit-coloured.
@@ -240,17 +267,24 @@ def fruit_mask(rgb: np.ndarray, priors: dict[str, np.ndarray], method: str = "gr
         if blob is None:
             raise NoFruitFound(f"no fruit found: the photo is white but for less than {min_fruit:.1%} of it")
         return blob
-    found, colour = candidates(small, priors, min_fruit)
+    planes = {space: colour_planes(small, space) for space in SPACES}
+    found, colour = candidates(planes, colours.prior, min_fruit)
     if not found:
         raise NoFruitFound(f"no fruit found: no part of the photo is fruit-coloured over {min_fruit:.1%} of it")
     found += region_candidates(small, colour, min_fruit)
     lab = cv2.cvtColor(small, cv2.COLOR_RGB2LAB)
-    likeness = [fruit_likeness(lab, convex_hull(blob), colour) for blob in found]  # judged as GrabCut will start from it
+
+    def judged(blob: np.ndarray) -> float:
+        if not blob.any():
+            return 0.0
+        return fruit_likeness(lab, blob, colour) * resemblance(planes, blob, colours.fruits) ** RESEMBLANCE_POWER
+
+    likeness = [judged(convex_hull(blob)) for blob in found]  # judged as GrabCut will start from it
     order = sorted(range(len(found)), key=lambda i: -likeness[i])
     tried = [found[i] for i in order[:TRIED] if likeness[i] >= CLOSE * likeness[order[0]]]
     if method == "grabcut" and len(tried) > 1:  # each cut quickly on the small photo: the best cut's blob is cut again
         quick = [grabcut(small, blob, QUICK_SIDE, 1) for blob in tried]
-        tried = [tried[int(np.argmax([fruit_likeness(lab, cut, colour) if cut.any() else 0.0 for cut in quick]))]]
+        tried = [tried[int(np.argmax([judged(cut) for cut in quick]))]]
     seed = cv2.resize(tried[0], (width, height), interpolation=cv2.INTER_LINEAR)
     return seed if method == "colour" else grabcut(rgb, seed)
 
@@ -263,8 +297,8 @@ def border(shape: tuple[int, int]) -> np.ndarray:
     return edges
 
 
-def candidates(small: np.ndarray, priors: dict[str, np.ndarray], min_fruit: float) -> tuple[list[np.ndarray], np.ndarray]:
-    """The fruit-coloured blobs of a small photo, from each colour space in SPACES: what could be the fruit;
+def candidates(planes: dict[str, np.ndarray], priors: dict[str, np.ndarray], min_fruit: float) -> tuple[list[np.ndarray], np.ndarray]:
+    """The fruit-coloured blobs of a small photo (its `colour_planes` in each of SPACES): what could be the fruit;
     and each pixel's fruitness (the mean of the spaces'), against the colours of the photo's border.
 
     In each space the blobs are looked for twice: first with the colours of the photo's border as
@@ -274,13 +308,14 @@ def candidates(small: np.ndarray, priors: dict[str, np.ndarray], min_fruit: floa
     import cv2
 
     found: list[np.ndarray] = []
-    colour = np.zeros(small.shape[:2], np.float32)
+    shape = planes[SPACES[0]].shape[:2]
+    colour = np.zeros(shape, np.float32)
     for space in SPACES:
-        planes, background, blob = colour_planes(small, space), border(small.shape[:2]), None
+        background, blob = border(shape), None
         for _ in range(2):
             if blob is not None:
                 background = cv2.dilate(blob, np.ones((9, 9), np.uint8)) == 0
-            score = fruitness(planes, priors[space], background if background.any() else None)
+            score = fruitness(planes[space], priors[space], background if background.any() else None)
             if blob is None:
                 colour += score / len(SPACES)
             level, _ = cv2.threshold((score * 255).astype(np.uint8), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
@@ -345,6 +380,21 @@ def fruit_likeness(lab: np.ndarray, blob: np.ndarray, colour: np.ndarray | None 
     contrast = 1 - float(np.sqrt(inside / max(inside.sum(), 1) * around / max(around.sum(), 1)).sum())
     fruit_coloured = 1.0 if colour is None else float(colour[near][inner > 0].mean()) + COLOURLESS
     return contrast * roundness(inner) ** 3 * max(w, h) / min(blob.shape) * fruit_coloured
+
+
+def resemblance(planes: dict[str, np.ndarray], blob: np.ndarray, fruits: dict[str, np.ndarray]) -> float:
+    """How much a blob's colours, all together, look like some fruit's on white: the Bhattacharyya coefficient of their
+    histogram with those of the RESEMBLING closest `fruits`, its mean, in each of SPACES (their geometric mean).
+    A coffee cup's white and brown, or a cat's eye's black and green, each fruit-coloured, together are no apple's."""
+    closeness = 1.0
+    for space, references in fruits.items():
+        own = planes_histogram(planes[space], blob)
+        if not len(references):
+            continue
+        if not own.sum():
+            return 0.0
+        closeness *= float(np.sort(references @ root_histogram(own))[-RESEMBLING:].mean())
+    return closeness ** (1 / len(fruits))
 
 
 def roundness(blob: np.ndarray) -> float:
