@@ -65,6 +65,8 @@ def jpeg(pixels: np.ndarray) -> bytes:
     (100, "coffee.png"), (105, "chelsea.png"), (115, "motorcycle_left.png"), (20, "astronaut.png"),
     # dark red apples on a dark or busy background, where a star or a red reflector is more fruit-coloured than they
     (84, "hubble_deep_field.jpg"), (100, "hubble_deep_field.jpg"), (90, "motorcycle_left.png"),
+    # white but for a black horse or black squares: not a fruit on white, whose whiteness would cut it out
+    (13, "horse.png"), (26, "chessboard_RGB.png"),
 ])
 def test_the_fruit_is_found_where_the_generator_put_it(number, background):
     data, truth = composite(number, background)

@@ -46,7 +46,8 @@ BINS = 32  # the colour histograms: each plane (8-bit) in this many bins
 WORK_SIDE = 128  # the fruit is first looked for at this many pixels on the photo's longer side
 RATIO_SURE = 16  # a colour this many times likelier among fruits than in the background is surely fruit
 WHITE = 230  # this close to white on every channel: the white of a photo on white
-WHITE_BORDER = 0.25  # a photo whose border is this much white is on white: the rest of it is fruit
+WHITE_BORDER = 0.25  # a photo whose border is this much white is on white: the rest of it is fruit,
+ON_WHITE_RESEMBLANCE = 0.8  # if its colours resemble some fruit's this much (fruits on white: 0.74–1, most over 0.83)
 BORDER = 0.1  # the background is first taken from this fraction of the photo, along its edges
 ITERATIONS = 1  # of GrabCut (a second moves the fruit's box by little: 0.2 points of IoU ≥ 0.85 for 1.7 ms)
 CUT_SIDE = 90  # GrabCut runs on the fruit's neighbourhood at most this many pixels across
@@ -262,12 +263,14 @@ def fruit_mask(rgb: np.ndarray, colours: Colours, method: str = "grabcut", min_f
     height, width = rgb.shape[:2]
     scale = min(1.0, WORK_SIDE / max(height, width))
     small = cv2.resize(rgb, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
+    planes = {space: colour_planes(small, space) for space in SPACES}
     if (small[border(small.shape[:2])].min(axis=1) >= WHITE).mean() >= WHITE_BORDER:  # on white (a studio photo, a thumbnail)
         blob = best_blob((rgb.min(axis=2) < WHITE).astype(np.uint8), np.ones((height, width), np.float32), min_fruit)
         if blob is None:
             raise NoFruitFound(f"no fruit found: the photo is white but for less than {min_fruit:.1%} of it")
-        return blob
-    planes = {space: colour_planes(small, space) for space in SPACES}
+        on_small = cv2.resize(blob, small.shape[1::-1], interpolation=cv2.INTER_NEAREST)
+        if resemblance(planes, on_small, colours.fruits) >= ON_WHITE_RESEMBLANCE:
+            return blob  # else what is not white is no fruit (a drawing, a chessboard): the fruit is looked for as in any photo
     found, colour = candidates(planes, colours.prior, min_fruit)
     if not found:
         raise NoFruitFound(f"no fruit found: no part of the photo is fruit-coloured over {min_fruit:.1%} of it")
@@ -388,9 +391,9 @@ def resemblance(planes: dict[str, np.ndarray], blob: np.ndarray, fruits: dict[st
     A coffee cup's white and brown, or a cat's eye's black and green, each fruit-coloured, together are no apple's."""
     closeness = 1.0
     for space, references in fruits.items():
-        own = planes_histogram(planes[space], blob)
         if not len(references):
             continue
+        own = planes_histogram(planes[space], blob)
         if not own.sum():
             return 0.0
         closeness *= float(np.sort(references @ root_histogram(own))[-RESEMBLING:].mean())
