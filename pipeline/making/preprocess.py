@@ -179,8 +179,6 @@ def colour_prior(colours: str) -> Colours:
     `colours`: a folder (or fsspec URL) of such photos, "sample" for the shipped Fruits-360 sample.
     Cached per process: it is read once per worker.
     """
-    import cv2
-
     url = str(config.SAMPLE_DIR) if colours == "sample" else colours
     listing = source.list_images(url, {}, ("jpg", "jpeg", "png"))
     histograms = {space: np.zeros((BINS, BINS), np.float64) for space in SPACES}
@@ -199,17 +197,15 @@ def colour_prior(colours: str) -> Colours:
                 fruits[space].append(root_histogram(histogram))
     if not histograms[SPACES[0]].sum():
         raise UsageError(f"no fruit pixels in the photos under {url} (`preprocess.colours`): give photos of fruits on white")
-    blurred = {space: cv2.GaussianBlur(h.astype(np.float32), (3, 3), 0) for space, h in histograms.items()}  # a colour next
-    return Colours({space: h / h.sum() for space, h in blurred.items()},  # to a fruit's, under other light, is a fruit's too
+    blurred = {space: smoothed(h) for space, h in histograms.items()}
+    return Colours({space: h / h.sum() for space, h in blurred.items()},
                    {space: np.stack(rows) if rows else np.zeros((0, BINS * BINS), np.float32) for space, rows in fruits.items()})
 
 
 def root_histogram(histogram: np.ndarray) -> np.ndarray:
-    """A colour histogram blurred (as the prior is), made a distribution and square-rooted, flat: the dot product of two
-    is their Bhattacharyya coefficient (1: the same colours in the same shares, 0: none in common)."""
-    import cv2
-
-    blurred = cv2.GaussianBlur(histogram.astype(np.float32), (3, 3), 0).ravel()
+    """A colour histogram `smoothed`, made a distribution and square-rooted, flat: the dot product of two is their
+    Bhattacharyya coefficient (1: the same colours in the same shares, 0: none in common)."""
+    blurred = smoothed(histogram).ravel()
     return np.sqrt(blurred / max(float(blurred.sum()), 1e-9))
 
 
@@ -234,20 +230,28 @@ def planes_histogram(planes: np.ndarray, where: np.ndarray | None = None) -> np.
     return cv2.calcHist([planes], [0, 1], mask, [BINS, BINS], [0, 256, 0, 256])
 
 
+def smoothed(histogram: np.ndarray) -> np.ndarray:
+    """A colour histogram blurred over neighbouring bins (float32): a colour next to a fruit's, under other light, is a
+    fruit's too."""
+    import cv2
+
+    return cv2.GaussianBlur(histogram.astype(np.float32), (3, 3), 0)
+
+
 def fruitness(planes: np.ndarray, prior: np.ndarray, background: np.ndarray | None = None) -> np.ndarray:
     """How much likelier each pixel's colour (`colour_planes` of the photo in the prior's space) is among fruits
     than in the photo's background (0–1, smoothed). `background`: where the background is thought to be
     (default: the whole photo)."""
     import cv2
 
-    own = cv2.GaussianBlur(planes_histogram(planes, background), (3, 3), 0) + 1e-3
+    own = smoothed(planes_histogram(planes, background)) + 1e-3
     ratio = prior / (own / own.sum())
     score = np.clip(np.log(np.maximum(ratio, 1e-9)) / np.log(RATIO_SURE), 0, 1).astype(np.float32)
     bins = planes // (256 // BINS)
     return cv2.GaussianBlur(score[bins[..., 0], bins[..., 1]], (5, 5), 0)
 
 
-def fruit_mask(rgb: np.ndarray, colours: Colours, method: str = "grabcut", min_fruit: float = 0.004) -> np.ndarray:
+def fruit_mask(rgb: np.ndarray, colours: Colours, method: str = Recipe.method, min_fruit: float = Recipe.min_fruit) -> np.ndarray:
     """The fruit's mask (H × W uint8, 1 = fruit) of an RGB photo.
 
     A photo on white (most of its border) is cut by whiteness, as Fruits-360's were. Otherwise the
