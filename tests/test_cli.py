@@ -97,7 +97,9 @@ def test_scripts_get_warnings_on_stderr_and_with_json_the_manifest_on_stdout(fla
     result = pipeline("run", "--input", str(sample_copy), "--output", str(tmp_path / "out"), flag,
                       env=offline(tmp_path) | ANY_PORT)
     assert result.returncode == 0, result.stderr
-    [warning] = result.stderr.splitlines()  # the one real warning, and nothing else: no messages, bars, C++ logs
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr  # the one real warning, and nothing else: no messages, bars, C++ logs
+    [warning] = lines
     assert warning.startswith("WARNING: no ImageNet weights (") and warning.endswith("seeded random weights (seed 0) instead")
     if flag == "--json":
         assert json.loads(result.stdout) == json.loads((tmp_path / "out" / "manifest.json").read_text())
