@@ -50,7 +50,8 @@ WHITE_BORDER = 0.25  # a photo whose border is this much white is on white: the 
 ON_WHITE_RESEMBLANCE = 0.8  # if its colours resemble some fruit's this much (fruits on white: 0.74–1, most over 0.83)
 BORDER = 0.1  # the background is first taken from this fraction of the photo, along its edges
 ITERATIONS = 1  # of GrabCut (a second moves the fruit's box by little: 0.2 points of IoU ≥ 0.85 for 1.7 ms)
-CUT_SIDE = 90  # GrabCut runs on the fruit's neighbourhood at most this many pixels across
+CUT_SIDE = 96  # GrabCut runs on the fruit's neighbourhood at most this many pixels across: the likely fruit and
+CUT_PAD = 0.4  # this much of its size around it (0.5 at 90 px: 1.3 points fewer photos found well, on 1,320 composites)
 ROUND_FRUIT = 0.9  # a fruit is round: the circle around a blob of its lit side, this much smaller, is probably fruit
 CANDIDATES = 2  # fruit-coloured blobs kept of each colour space and pass
 TRIED = 2  # the most fruit-like of them cut by a quick GrabCut (1 iteration, QUICK_SIDE across) and compared,
@@ -281,19 +282,34 @@ def fruit_mask(rgb: np.ndarray, colours: Colours, method: str = Recipe.method, m
     found += region_candidates(small, colour, min_fruit)
     lab = cv2.cvtColor(small, cv2.COLOR_RGB2LAB)
 
-    def judged(blob: np.ndarray) -> float:
-        if not blob.any():
-            return 0.0
-        return fruit_likeness(lab, blob, colour) * resemblance(planes, blob, colours.fruits) ** RESEMBLANCE_POWER
+    def likeness(blob: np.ndarray) -> float:
+        return fruit_likeness(lab, blob, colour) if blob.any() else 0.0
 
-    likeness = [judged(convex_hull(blob)) for blob in found]  # judged as GrabCut will start from it
-    order = sorted(range(len(found)), key=lambda i: -likeness[i])
-    tried = [found[i] for i in order[:TRIED] if likeness[i] >= CLOSE * likeness[order[0]]]
+    def resembling(blob: np.ndarray) -> float:
+        return resemblance(planes, blob, colours.fruits) ** RESEMBLANCE_POWER
+
+    tried = [found[i] for i in most_fruit_like([convex_hull(blob) for blob in found], likeness, resembling)]
     if method == "grabcut" and len(tried) > 1:  # each cut quickly on the small photo: the best cut's blob is cut again
         quick = [grabcut(small, blob, QUICK_SIDE, 1) for blob in tried]
-        tried = [tried[int(np.argmax([judged(cut) for cut in quick]))]]
+        tried = [tried[int(np.argmax([likeness(cut) * resembling(cut) for cut in quick]))]]
     seed = cv2.resize(tried[0], (width, height), interpolation=cv2.INTER_LINEAR)
     return seed if method == "colour" else grabcut(rgb, seed)
+
+
+def most_fruit_like(blobs: list[np.ndarray], likeness: Callable, resembling: Callable) -> list[int]:
+    """The TRIED blobs most like a fruit (`likeness` × `resembling`), those at least CLOSE to the first, best first.
+
+    Blobs are judged as GrabCut will start from them (their convex hulls). A blob's resemblance (at most 1) is
+    measured only while its likeness could still place it among them: the same choice, ~0.7 ms less a photo.
+    """
+    plain = [likeness(blob) for blob in blobs]
+    scores: dict[int, float] = {}
+    for i in sorted(range(len(blobs)), key=lambda i: -plain[i]):
+        if len(scores) >= TRIED and plain[i] < sorted(scores.values())[-TRIED]:
+            break
+        scores[i] = plain[i] * resembling(blobs[i]) if plain[i] else 0.0
+    best = sorted(scores, key=lambda i: -scores[i])[:TRIED]
+    return [i for i in best if scores[i] >= CLOSE * scores[best[0]]]
 
 
 def border(shape: tuple[int, int]) -> np.ndarray:
@@ -479,7 +495,7 @@ def grabcut(rgb: np.ndarray, seed: np.ndarray, side: int = CUT_SIDE, iterations:
     """GrabCut's fruit around the `seed` blob's convex hull, run on its neighbourhood at ≤ `side` pixels across.
 
     The hull's core is fruit, the rest of it (and of the circle around it, ROUND_FRUIT as large)
-    probably fruit, a band around it half its size wide probably background and what lies further
+    probably fruit, a band around it CUT_PAD of its size wide probably background and what lies further
     (the band's outer edge) surely background, unless it is the photo's edge: GrabCut learns both
     colour models from there and moves the edge. The piece of its cut that holds the core is kept.
     """
@@ -489,7 +505,7 @@ def grabcut(rgb: np.ndarray, seed: np.ndarray, side: int = CUT_SIDE, iterations:
     hull = convex_hull(seed)
     likely = hull | enclosing_disc(hull, ROUND_FRUIT)
     x, y, w, h = cv2.boundingRect(likely)
-    pad = max(w, h) // 2 + 4
+    pad = round(max(w, h) * CUT_PAD) + 4
     area = (max(0, x - pad), max(0, y - pad), min(width, x + w + pad), min(height, y + h + pad))
     patch, near, likely = (image[area[1] : area[3], area[0] : area[2]] for image in (rgb, hull, likely))
     scale = min(1.0, side / max(patch.shape[:2]))
