@@ -67,6 +67,8 @@ def jpeg(pixels: np.ndarray) -> bytes:
     (84, "hubble_deep_field.jpg"), (100, "hubble_deep_field.jpg"), (90, "motorcycle_left.png"),
     # white but for a black horse or black squares: not a fruit on white, whose whiteness would cut it out
     (13, "horse.png"), (26, "chessboard_RGB.png"),
+    # ambiguous: nothing looks much like a fruit at first; regions at other scales, more compared, hold it
+    (12, "coffee.png"), (83, "coffee.png"),
 ])
 def test_the_fruit_is_found_where_the_generator_put_it(number, background):
     data, truth = composite(number, background)
@@ -110,6 +112,21 @@ def test_a_blob_coloured_as_a_whole_like_a_fruit_resembles_one_more_than_fruit_c
                                                 blob, colours.fruits)
                    for name, (rgb, blob) in {"apple": (apple, on_apple), "cup": (cup, np.ones_like(on_apple))}.items()}
     assert resemblance["apple"] > 0.8 and resemblance["cup"] < 0.6 * resemblance["apple"]
+
+
+def test_the_most_fruit_like_are_chosen_measuring_resemblance_only_where_it_could_change_the_choice():
+    rng = np.random.default_rng(0)
+    measured = judged = 0
+    for _ in range(300):
+        likeness = list(rng.uniform(0, 1, rng.integers(1, 15)))
+        resemblances = rng.uniform(0, 1, len(likeness))
+        asked = []
+        chosen = preprocess.most_fruit_like(likeness, lambda i: asked.append(i) or resemblances[i])
+        scores = np.array(likeness) * resemblances
+        best = np.argsort(-scores, kind="stable")[:preprocess.TRIED]
+        assert [i for i, _ in chosen] == [i for i in best if scores[i] >= preprocess.CLOSE * scores[best[0]]]
+        measured, judged = measured + len(asked), judged + len(likeness)
+    assert measured < 0.7 * judged
 
 
 def test_grabcut_grows_a_seed_of_the_fruits_lit_side_to_all_of_it():

@@ -61,8 +61,9 @@ REGION_SIDE = 64  # candidates whatever their colour: the regions of Felzenszwal
 REGION_SCALE = 150  # this fine (its `scale`: larger, larger regions; a fruit is more often a region of its own than at 400),
 REGIONS = 5  # the largest and most fruit-coloured this many of those that touch at most one edge and cover at most
 REGION_MOST = 0.5  # this much of the photo (a region along two edges, or most of the photo, is background)
-FINE_SCALE = 60  # and at this finer scale too when no candidate looks much like a fruit: the most fruit-like judged
-UNSURE = 0.03  # under this (13% of the composites, the ambiguous ones: +0.4 points for ~0.4 ms a photo on average)
+UNSURE = 0.03  # when the most fruit-like candidate is judged under this (13% of the composites, the ambiguous ones),
+UNSURE_SCALES = (60, 400)  # regions at these scales (finer, coarser) are candidates too
+UNSURE_TRIED = 3  # and this many of the most fruit-like cut quickly and compared (+0.9 points of IoU ≥ 0.85, ~0.3 ms a photo)
 RESEMBLING = 3  # a blob's colours compared with this many fruits' of `colours`, those closest to them (`resemblance`),
 RESEMBLANCE_POWER = 4  # and its likeness times that resemblance to this power (2 to 6 did alike on 880 composites)
 REFERENCES = 256  # the most fruits of `colours` kept for that (evenly chosen; all of the shipped sample's)
@@ -290,10 +291,16 @@ def fruit_mask(rgb: np.ndarray, colours: Colours, method: str = Recipe.method, m
     def resembling(blob: np.ndarray) -> float:
         return resemblance(planes, blob, colours.fruits) ** RESEMBLANCE_POWER
 
-    best = most_fruit_like([convex_hull(blob) for blob in found], likeness, resembling)
-    if best[0][1] < UNSURE:  # nothing looks much like a fruit: a finer segmentation may hold it
-        found += region_candidates(small, colour, min_fruit, fineness=FINE_SCALE)
-        best = most_fruit_like([convex_hull(blob) for blob in found], likeness, resembling)
+    hulls = [convex_hull(blob) for blob in found]  # judged as GrabCut will start from them
+    plain = [likeness(hull) for hull in hulls]
+    resembling_hull = functools.cache(lambda i: resembling(hulls[i]))
+    best = most_fruit_like(plain, resembling_hull)
+    if best[0][1] < UNSURE:  # nothing looks much like a fruit: other segmentations may hold it; more are compared
+        for fineness in UNSURE_SCALES:
+            found += region_candidates(small, colour, min_fruit, fineness)
+        hulls += [convex_hull(blob) for blob in found[len(hulls):]]
+        plain += [likeness(hull) for hull in hulls[len(plain):]]
+        best = most_fruit_like(plain, resembling_hull, UNSURE_TRIED)
     tried = [found[i] for i, _ in best]
     if method == "grabcut" and len(tried) > 1:  # each cut quickly on the small photo: the best cut's blob is cut again
         quick = [grabcut(small, blob, QUICK_SIDE, 1) for blob in tried]
@@ -302,20 +309,19 @@ def fruit_mask(rgb: np.ndarray, colours: Colours, method: str = Recipe.method, m
     return seed if method == "colour" else grabcut(rgb, seed)
 
 
-def most_fruit_like(blobs: list[np.ndarray], likeness: Callable, resembling: Callable) -> list[tuple[int, float]]:
-    """The TRIED blobs most like a fruit (`likeness` × `resembling`), those at least CLOSE to the first, best first:
-    (index, how fruit-like).
+def most_fruit_like(plain: list[float], resembling: Callable[[int], float], tried: int = TRIED) -> list[tuple[int, float]]:
+    """The `tried` candidates most like a fruit (their likeness, `plain`, times `resembling(index)`), those at least
+    CLOSE to the first, best first: (index, how fruit-like).
 
-    Blobs are judged as GrabCut will start from them (their convex hulls). A blob's resemblance (at most 1) is
-    measured only while its likeness could still place it among them: the same choice, ~0.7 ms less a photo.
+    A candidate's resemblance (at most 1) is measured only while its likeness could still place it among them: the
+    same choice, ~0.7 ms less a photo.
     """
-    plain = [likeness(blob) for blob in blobs]
     scores: dict[int, float] = {}
-    for i in sorted(range(len(blobs)), key=lambda i: -plain[i]):
-        if len(scores) >= TRIED and plain[i] < sorted(scores.values())[-TRIED]:
+    for i in sorted(range(len(plain)), key=lambda i: -plain[i]):
+        if len(scores) >= tried and plain[i] < sorted(scores.values())[-tried]:
             break
-        scores[i] = plain[i] * resembling(blobs[i]) if plain[i] else 0.0
-    best = sorted(scores, key=lambda i: -scores[i])[:TRIED]
+        scores[i] = plain[i] * resembling(i) if plain[i] else 0.0
+    best = sorted(scores, key=lambda i: -scores[i])[:tried]
     return [(i, scores[i]) for i in best if scores[i] >= CLOSE * scores[best[0]]]
 
 
