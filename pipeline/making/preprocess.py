@@ -261,10 +261,11 @@ def fruit_mask(rgb: np.ndarray, colours: Colours, method: str = Recipe.method, m
     A photo on white (most of its border) is cut by whiteness, as Fruits-360's were. Otherwise the
     fruit-coloured blobs of the photo (`candidates`) and its largest, most fruit-coloured regions
     (`region_candidates`) are the candidates; the most fruit-like (`fruit_likeness`, times its colours'
-    `resemblance` to some fruit's to the RESEMBLANCE_POWER) is cut out by GrabCut, unless the runner-up comes CLOSE: then each is cut by a quick GrabCut on the small
-    photo, and the one whose cut looks most like a fruit is cut again at full size (`method: colour`:
-    the most fruit-like blob as it is). Raises NoFruitFound when no blob of at least `min_fruit` of
-    the photo is fruit-coloured.
+    `resemblance` to some fruit's to the RESEMBLANCE_POWER) is cut out by GrabCut, unless the runner-up
+    comes CLOSE: then each is cut by a quick GrabCut on the small photo, and the one whose cut looks most
+    like a fruit is cut again at full size (`method: colour`: the most fruit-like blob as it is). When
+    none looks much like a fruit (UNSURE), regions at other scales join and more are compared. Raises
+    NoFruitFound when no blob of at least `min_fruit` of the photo is fruit-coloured.
     """
     import cv2
 
